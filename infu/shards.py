@@ -1,0 +1,237 @@
+"""Shards: webdataset tar + Parquet sidecar + stats JSON, committed atomically.
+
+A shard ``NNNNNN`` is three files in a step's output folder:
+
+* ``NNNNNN.tar`` — webdataset tar: for every kept sample ``<key>.<ext>`` (the original image bytes,
+  never re-encoded) and ``<key>.json`` (its record);
+* ``NNNNNN.parquet`` — one row per input sample, kept or rejected, with :data:`SAMPLE_SCHEMA`;
+* ``NNNNNN_stats.json`` — counts, reject reasons, bytes, timings.
+
+All three are written under ``_tmp/`` and renamed into place, the stats file last: **a shard exists
+if and only if its stats file exists**. A writer killed at any point leaves no shard (only temp files
+or stats-less leftovers, which :func:`clean_uncommitted` removes), so resuming means redoing every
+shard whose stats file is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from infu.records import SAMPLE_SCHEMA, Status, records_to_table, table_to_records
+
+TMP_DIR = "_tmp"
+STATS_SUFFIX = "_stats.json"
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def stats_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}{STATS_SUFFIX}"
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class ShardWriter:
+    """Collects one shard's samples and commits them atomically.
+
+    Use as a context manager: leaving the block with an exception (or without :meth:`commit`)
+    discards everything written so far.
+    """
+
+    def __init__(self, out_dir: Path, name: str, extra_stats: dict[str, Any] | None = None):
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.extra_stats = extra_stats or {}
+        self._tmp = self.out_dir / TMP_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
+        self._tmp.mkdir(parents=True)
+        self._tar_file = open(self._tmp / f"{name}.tar", "wb")
+        self._tar = wds.TarWriter(self._tar_file, encoder=False, mtime=0.0)
+        self._records: list[dict[str, Any]] = []
+        self._image_bytes = 0
+        self._started = time.time()
+        self._done = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._done:
+            self.abort()
+
+    def add(self, record: dict[str, Any], image: bytes | None = None, extension: str | None = None) -> None:
+        """Add one sample. Kept samples carry their original image bytes and extension."""
+        record = dict(record, shard=self.name)
+        if record["status"] == Status.OK:
+            if image is None or not extension:
+                raise ValueError(f"kept sample {record['key']} needs its image bytes and extension")
+            self._tar.write(
+                {
+                    "__key__": record["key"],
+                    extension: image,
+                    "json": json.dumps(record, default=_json_default).encode(),
+                }
+            )
+            self._image_bytes += len(image)
+        self._records.append(record)
+
+    def commit(self) -> dict[str, Any]:
+        """Write Parquet and stats, then move the shard into place. Returns the stats."""
+        self._tar.close()
+        self._tar_file.flush()
+        os.fsync(self._tar_file.fileno())
+        self._tar_file.close()
+        table = records_to_table(self._records)
+        pq.write_table(table, self._tmp / f"{self.name}.parquet")
+        statuses = Counter(record["status"] for record in self._records)
+        reasons = Counter(record["reject_reason"] for record in self._records if record["reject_reason"])
+        stats = {
+            "shard": self.name,
+            "count": len(self._records),
+            "ok": statuses.get(Status.OK.value, 0),
+            "rejected": statuses.get(Status.REJECTED.value, 0),
+            "reasons": dict(sorted(reasons.items())),
+            "image_bytes": self._image_bytes,
+            "tar_bytes": (self._tmp / f"{self.name}.tar").stat().st_size,
+            "started": self._started,
+            "seconds": round(time.time() - self._started, 4),
+            **self.extra_stats,
+        }
+        for suffix in (".tar", ".parquet"):
+            os.replace(self._tmp / f"{self.name}{suffix}", self.out_dir / f"{self.name}{suffix}")
+        _fsync_write(self._tmp / f"{self.name}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
+        os.replace(self._tmp / f"{self.name}{STATS_SUFFIX}", stats_path(self.out_dir, self.name))
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._done = True
+        return stats
+
+    def abort(self) -> None:
+        if not self._tar_file.closed:
+            self._tar.close()
+            self._tar_file.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._done = True
+
+
+def committed_shards(out_dir: Path) -> list[str]:
+    """Names of the complete shards in ``out_dir``, sorted."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(path.name[: -len(STATS_SUFFIX)] for path in out_dir.glob(f"*{STATS_SUFFIX}"))
+
+
+def clean_uncommitted(out_dir: Path) -> list[str]:
+    """Remove what killed writers left behind; returns the names of the removed files."""
+    out_dir = Path(out_dir)
+    removed = []
+    tmp = out_dir / TMP_DIR
+    if tmp.exists():
+        removed += [str(path.relative_to(out_dir)) for path in tmp.rglob("*") if path.is_file()]
+        shutil.rmtree(tmp)
+    committed = set(committed_shards(out_dir))
+    for pattern in ("*.tar", "*.parquet"):
+        for path in out_dir.glob(pattern):
+            if path.stem not in committed:
+                path.unlink()
+                removed.append(path.name)
+    return removed
+
+
+def read_stats(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(stats_path(Path(out_dir), name).read_text()) for name in committed_shards(out_dir)]
+
+
+def parquet_paths(out_dir: Path) -> list[Path]:
+    return [Path(out_dir) / f"{name}.parquet" for name in committed_shards(out_dir)]
+
+
+def tar_paths(out_dir: Path) -> list[Path]:
+    return [Path(out_dir) / f"{name}.tar" for name in committed_shards(out_dir)]
+
+
+def read_records(out_dir: Path) -> list[dict[str, Any]]:
+    """Every record (kept and rejected) of the committed shards, in shard order."""
+    records: list[dict[str, Any]] = []
+    for path in parquet_paths(out_dir):
+        records += table_to_records(pq.read_table(path, schema=SAMPLE_SCHEMA))
+    return records
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A kept sample read back from a shard tar: its record and original image bytes."""
+
+    record: dict[str, Any]
+    image: bytes
+    extension: str
+
+
+def iter_tar(path: Path) -> Iterator[Sample]:
+    """Samples of one shard tar, in write order (streams: one sample in memory at a time)."""
+    with tarfile.open(path, "r|") as tar:
+        members: dict[str, bytes] = {}
+        current = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, extension = member.name.partition(".")
+            if current is not None and key != current:
+                yield _sample(members)
+                members = {}
+            current = key
+            handle = tar.extractfile(member)
+            members[extension] = handle.read() if handle else b""
+        if members:
+            yield _sample(members)
+
+
+def _sample(members: dict[str, bytes]) -> Sample:
+    record = json.loads(members.pop("json"))
+    (extension, image), *_ = members.items()
+    return Sample(record=record, image=image, extension=extension)
+
+
+def iter_samples(out_dir: Path) -> Iterator[Sample]:
+    """Every kept sample of the committed shards."""
+    for path in tar_paths(out_dir):
+        yield from iter_tar(path)
+
+
+def ray_records(out_dir: Path):  # noqa: ANN201 - ray.data.Dataset, imported lazily
+    """The records of the committed shards as a Ray Dataset (one row per input sample)."""
+    import ray.data
+
+    return ray.data.read_parquet([str(path) for path in parquet_paths(out_dir)], schema=SAMPLE_SCHEMA)
+
+
+def ray_samples(out_dir: Path):  # noqa: ANN201
+    """The kept samples (image bytes + record JSON) of the committed shards as a Ray Dataset."""
+    import ray.data
+
+    return ray.data.read_webdataset([str(path) for path in tar_paths(out_dir)], decoder=False)

@@ -1,0 +1,137 @@
+"""End to end: the Prefect flow runs ingest as a Ray job; `ray job submit` works on a `ray start` cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from infu.index import DatasetIndex
+from infu.sample_corpus import read_labels
+
+from .conftest import PROJECT_ROOT
+
+BIN = Path(sys.executable).parent
+EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
+EXPECTED_OUTCOMES = {"ok": 14, "bad_image": 1, "not_image": 1, "too_large": 1, "too_small": 1}
+
+pytestmark = pytest.mark.slow
+
+
+def run(command: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    return subprocess.run(
+        command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=environment
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def in_run_dir(run_dir: Path) -> list[str]:
+    """Overrides that keep every output (and the sample corpus) under ``run_dir``."""
+    return ["--set", f"run.run_dir={run_dir}", "--set", f"ingest.source.path={run_dir / 'sample_corpus'}"]
+
+
+def assert_ingested(run_dir: Path) -> None:
+    index = DatasetIndex(run_dir / "ingest")
+    assert index.reason_counts() == EXPECTED_OUTCOMES
+    labels = {label.path: label.expect_ingest for label in read_labels(run_dir / "sample_corpus")}
+    rows = index.query("SELECT source_path, coalesce(reject_reason, status) AS outcome FROM samples")
+    assert {row["source_path"]: row["outcome"] for row in rows} == labels
+
+
+def test_infu_run_drives_the_ingest_job_through_prefect_and_local_ray(tmp_path):
+    ray.shutdown()
+    result = run([str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"ingest output: {tmp_path / 'ingest'}" in result.stdout
+    assert "Flow run" in result.stderr + result.stdout and "Completed" in result.stderr + result.stdout
+    assert_ingested(tmp_path)
+    assert sorted(path.name for path in (tmp_path / "_configs").iterdir())[0].startswith("ingest-")
+
+
+@pytest.fixture()
+def ray_head():
+    """A `ray start --head` cluster on free ports, stopped afterwards."""
+    ray.shutdown()
+    dashboard = free_port()
+    started = run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={free_port()}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+        ],
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    yield f"http://127.0.0.1:{dashboard}"
+    run([str(BIN / "ray"), "stop", "--force"], timeout=120)
+
+
+def test_ray_job_submit_runs_the_entrypoint_and_the_flow_reuses_finished_jobs(ray_head, tmp_path):
+    auth = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
+    submitted = run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_head,
+            "--",
+            "python",
+            "-m",
+            "filtering",
+            "ingest",
+            "--config",
+            str(EMBEDDED),
+            *in_run_dir(tmp_path / "submitted"),
+        ],
+        **auth,
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert_ingested(tmp_path / "submitted")
+
+    flow_dir = tmp_path / "flow"
+    command = [
+        str(BIN / "infu"),
+        "ingest",
+        "--config",
+        str(EMBEDDED),
+        *in_run_dir(flow_dir),
+        "--set",
+        f"run.ray_address={ray_head}",
+    ]
+    first = run(command)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "submitted job infu-embedded-ingest-" in first.stdout
+    assert_ingested(flow_dir)
+    shutil.rmtree(flow_dir / "ingest")
+    second = run(command)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "already succeeded; not running it again" in second.stdout
+
+
+def test_cli_reports_config_errors_and_builds_the_corpus(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest:\n  source: {kind: folder, path: x, dataset: d}\n  shard_sise: 1\n")
+    result = run([str(BIN / "infu"), "config", "validate", str(bad)])
+    assert result.returncode == 2 and "ingest.shard_sise: unknown key" in result.stderr
+    valid = run([str(BIN / "infu"), "config", "validate", str(EMBEDDED)])
+    assert valid.returncode == 0 and "ingest: config hash" in valid.stdout
+    corpus = run([str(BIN / "infu"), "sample-corpus", str(tmp_path / "corpus")])
+    assert corpus.returncode == 0 and len(read_labels(tmp_path / "corpus")) == 18

@@ -1,0 +1,142 @@
+"""The ingest step on Ray Data: one record per input, expected reject reasons, resumable after a kill."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+
+from filtering.ingest import run_ingest
+from infu.config import load_config
+from infu.index import DatasetIndex
+from infu.sample_corpus import build_sample_corpus, read_labels
+from infu.shards import committed_shards, iter_samples, read_records
+
+from .conftest import PROJECT_ROOT
+
+EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus")
+    build_sample_corpus(path)
+    return path
+
+
+def embedded_config(run_dir, corpus, *extra):
+    return load_config(EMBEDDED, [f"run.run_dir={run_dir}", f"ingest.source.path={corpus}", *extra])
+
+
+def comparable(records):
+    return sorted(records, key=lambda record: record["key"])
+
+
+def test_ingest_records_every_input_with_its_expected_outcome(local_ray, corpus, tmp_path):
+    config = embedded_config(tmp_path, corpus)
+    manifest = run_ingest(config)
+    out_dir = config.step_dir("ingest")
+    labels = {label.path: label for label in read_labels(corpus)}
+
+    index = DatasetIndex(out_dir)
+    rows = index.query("SELECT source_path, coalesce(reject_reason, status) AS outcome FROM samples")
+    assert len(rows) == len(labels) == 18
+    assert {row["source_path"]: row["outcome"] for row in rows} == {
+        path: label.expect_ingest for path, label in labels.items()
+    }
+    assert index.duplicate_keys() == []
+
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["samples"] == 18 and manifest["counts"]["ok"] == 14
+    assert manifest["counts"]["reasons"] == {"bad_image": 1, "not_image": 1, "too_large": 1, "too_small": 1}
+    assert manifest["inputs"]["ignored_files"] == {"jsonl": 1}
+    assert manifest["config_hash"] == config.step_hash("ingest")
+    assert committed_shards(out_dir) == ["000000", "000001", "000002"]
+
+    records = {record["source_path"]: record for record in read_records(out_dir)}
+    assert (
+        records["variants/exif_rotated.jpg"]["width"],
+        records["variants/exif_rotated.jpg"]["height"],
+    ) == (376, 478)
+    assert records["people/astronaut.png"]["mime"] == "image/png"
+    assert records["people/person_0.jpg"]["captions"] == {
+        "original": "a smiling man in a dark suit, portrait photo"
+    }
+    assert records["variants/truncated.jpg"]["sha256"] is not None
+    assert "truncated" in records["variants/truncated.jpg"]["reject_detail"]
+
+    samples = list(iter_samples(out_dir))
+    assert len(samples) == 14
+    for sample in samples:
+        original = (corpus / sample.record["source_path"]).read_bytes()
+        assert (
+            hashlib.sha256(sample.image).hexdigest()
+            == hashlib.sha256(original).hexdigest()
+            == sample.record["sha256"]
+        )
+
+
+def test_rerun_skips_committed_shards(local_ray, corpus, tmp_path):
+    config = embedded_config(tmp_path, corpus)
+    run_ingest(config)
+    before = read_records(config.step_dir("ingest"))
+    manifest = run_ingest(config)
+    assert manifest["run"]["shards_skipped"] == 3 and manifest["run"]["shards_written"] == 0
+    assert read_records(config.step_dir("ingest")) == before
+
+
+def test_rerun_with_another_config_into_the_same_folder_is_refused(local_ray, corpus, tmp_path):
+    run_ingest(embedded_config(tmp_path, corpus))
+    with pytest.raises(RuntimeError, match="config hash"):
+        run_ingest(embedded_config(tmp_path, corpus, "ingest.min_side=100"))
+
+
+def test_killed_job_resumes_to_the_same_rows(local_ray, corpus, tmp_path):
+    """SIGKILL the job (driver and its local Ray) mid-run; the rerun equals an uninterrupted run."""
+    one_per_shard = ["ingest.shard_size=1", "ingest.resources.concurrency=1"]
+    reference = embedded_config(tmp_path / "reference", corpus, *one_per_shard)
+    run_ingest(reference)
+
+    interrupted = embedded_config(tmp_path / "interrupted", corpus, *one_per_shard)
+    command = [sys.executable, "-m", "filtering", "ingest", "--config", str(EMBEDDED)]
+    for override in (
+        f"run.run_dir={tmp_path / 'interrupted'}",
+        f"ingest.source.path={corpus}",
+        *one_per_shard,
+    ):
+        command += ["--set", override]
+    job = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    out_dir = interrupted.step_dir("ingest")
+    deadline = time.monotonic() + 120
+    while len(committed_shards(out_dir)) < 4 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    done_before_kill = len(committed_shards(out_dir))
+    assert 4 <= done_before_kill < 18, "the kill should land mid-run"
+
+    manifest = run_ingest(interrupted)
+    assert manifest["run"]["shards_skipped"] == done_before_kill
+    assert manifest["run"]["shards_written"] == 18 - done_before_kill
+    assert comparable(read_records(out_dir)) == comparable(read_records(reference.step_dir("ingest")))
+    assert not (out_dir / "_tmp").exists()

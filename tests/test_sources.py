@@ -1,0 +1,136 @@
+"""Sample corpus, image probing and source adapters (no Ray needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pytest
+import webdataset as wds
+
+from filtering.sources import SourceError, open_source
+from infu.config import SourceConfig
+from infu.images import BadImageError, decode_image, probe_image
+from infu.sample_corpus import build_sample_corpus, corpus_digest, read_labels
+
+VARIANTS_ASKED_FOR = {
+    "portrait",
+    "tiny_face",
+    "two_people",
+    "watermark",
+    "grayscale",
+    "cmyk",
+    "exif_rotated",
+    "very_small",
+    "truncated",
+    "not_image",
+    "huge_header",
+    "no_face",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus")
+    build_sample_corpus(path)
+    return path
+
+
+def test_corpus_is_deterministic_and_labelled(corpus, tmp_path):
+    build_sample_corpus(tmp_path)
+    assert corpus_digest(tmp_path) == corpus_digest(corpus)
+    labels = read_labels(corpus)
+    assert {label.variant for label in labels} == VARIANTS_ASKED_FOR
+    assert len([label for label in labels if label.variant == "portrait"]) == 7
+    assert len({label.identity for label in labels if label.variant == "portrait"}) == 7
+    for label in labels:
+        assert (corpus / label.path).is_file()
+    captions = [json.loads(line) for line in (corpus / "captions.jsonl").read_text().splitlines()]
+    assert {entry["path"] for entry in captions} <= {label.path for label in labels}
+    assert len(captions) == 9
+
+
+def test_probe_gives_each_variant_its_expected_ingest_outcome(corpus):
+    for label in read_labels(corpus):
+        data = (corpus / label.path).read_bytes()
+        try:
+            info = probe_image(data)
+            outcome = "too_small" if min(info.width, info.height) < 64 else "ok"
+        except BadImageError as error:
+            outcome = error.reason
+        assert outcome == label.expect_ingest, label.path
+
+
+def test_decoding_normalises_orientation_and_colour(corpus):
+    upright = decode_image((corpus / "people/person_5.jpg").read_bytes())
+    rotated = decode_image((corpus / "variants/exif_rotated.jpg").read_bytes())
+    assert rotated.size == upright.size == (376, 478)
+    assert probe_image((corpus / "variants/exif_rotated.jpg").read_bytes()).orientation == 6
+    for name in ("grayscale", "cmyk"):
+        image = decode_image((corpus / f"variants/{name}.jpg").read_bytes())
+        assert image.mode == "RGB"
+    with pytest.raises(BadImageError) as error:
+        probe_image((corpus / "variants/huge_header.png").read_bytes(), max_pixels=10**12)
+    assert error.value.reason == "too_large"
+    with pytest.raises(BadImageError, match="exceeds the 100-pixel limit"):
+        probe_image((corpus / "people/person_0.jpg").read_bytes(), max_pixels=100)
+
+
+def test_folder_source_lists_images_with_captions_and_counts_the_rest(corpus):
+    source = open_source(SourceConfig(kind="sample_corpus", path=corpus, dataset="sample"))
+    items = list(source.iter_items())
+    assert [item["source_path"] for item in items] == sorted(label.path for label in read_labels(corpus))
+    by_path = {item["source_path"]: item for item in items}
+    assert by_path["people/astronaut.png"]["caption"].startswith("an astronaut")
+    assert by_path["variants/cmyk.jpg"]["caption"] is None
+    assert source.read(by_path["people/person_0.jpg"]) == (corpus / "people/person_0.jpg").read_bytes()
+    assert source.describe()["ignored_files"] == {"jsonl": 1}
+
+
+def test_folder_source_errors(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        open_source(SourceConfig(kind="folder", path=tmp_path / "absent", dataset="d"))
+    (tmp_path / "captions.jsonl").write_text('{"path": "a.jpg"}\n')
+    source = open_source(
+        SourceConfig(kind="folder", path=tmp_path, dataset="d", captions=tmp_path / "captions.jsonl")
+    )
+    with pytest.raises(SourceError, match=r"captions.jsonl:1: expected"):
+        list(source.iter_items())
+
+
+def test_webdataset_source_reads_members_by_offset_with_captions(corpus, tmp_path):
+    shards = tmp_path / "tars"
+    shards.mkdir()
+    files = {"a": "people/person_0.jpg", "b": "people/astronaut.png", "c": "variants/truncated.jpg"}
+    for tar_name, keys in (("00000.tar", ["a", "b"]), ("00001.tar", ["c"])):
+        with wds.TarWriter(str(shards / tar_name), encoder=False) as writer:
+            for key in keys:
+                extension = files[key].rsplit(".", 1)[-1]
+                sample = {"__key__": f"dir/{key}", extension: (corpus / files[key]).read_bytes()}
+                if key == "a":
+                    sample["txt"] = b"caption from txt"
+                if key == "b":
+                    sample["json"] = json.dumps({"caption": "caption from json"}).encode()
+                    sample["cls"] = b"3"
+                writer.write(sample)
+    source = open_source(SourceConfig(kind="webdataset", path=shards, dataset="wds"))
+    items = list(source.iter_items())
+    assert [item["source_path"] for item in items] == [
+        "00000.tar/dir/a.jpg",
+        "00000.tar/dir/b.png",
+        "00001.tar/dir/c.jpg",
+    ]
+    assert [item["caption"] for item in items] == ["caption from txt", "caption from json", None]
+    for item, key in zip(items, "abc", strict=True):
+        expected = (corpus / files[key]).read_bytes()
+        assert hashlib.sha256(source.read(item)).digest() == hashlib.sha256(expected).digest()
+    assert source.describe()["ignored_files"] == {"cls": 1}
+
+
+def test_webdataset_source_rejects_compressed_or_missing_tars(tmp_path):
+    with pytest.raises(SourceError, match="no .tar files"):
+        list(open_source(SourceConfig(kind="webdataset", path=tmp_path, dataset="d")).iter_items())
+    (tmp_path / "x.tar").write_bytes(io.BytesIO(b"\x1f\x8b not a tar").getvalue())
+    with pytest.raises(SourceError, match="not an uncompressed tar"):
+        list(open_source(SourceConfig(kind="webdataset", path=tmp_path, dataset="d")).iter_items())
