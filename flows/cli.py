@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from infu.config import ConfigError, InfuConfig, load_config
+from infu.model.cli import generate_command
 
 app = typer.Typer(
     help="InfU data engine and training orchestration.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -62,6 +63,9 @@ def run(
     typer.echo(json.dumps(results, indent=2))
     for name, result in results.items():
         typer.echo(f"{name} output: {result['output']}")
+
+
+app.command("generate")(generate_command)
 
 
 @config_app.command("validate")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from infu.paths import ResolvedPath
 
 
 class FaceConfig(BaseModel):
@@ -21,7 +22,9 @@ class FaceConfig(BaseModel):
         1024, ge=64, description="dlib: HOG detection runs on the image downscaled to this longer side"
     )
     # insightface (production): a model pack folder such as <root>/models/antelopev2, never downloaded.
-    model_root: Path | None = Field(None, description="insightface root holding models/<pack_name>/*.onnx")
+    model_root: ResolvedPath | None = Field(
+        None, description="insightface root holding models/<pack_name>/*.onnx"
+    )
     pack_name: str = "antelopev2"
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from infu.paths import ResolvedPath
+
 LATENT_PIXEL_MULTIPLE = 16
 """Image sides must be multiples of this: the VAE downsamples 8x and latents are packed in 2x2 patches."""
 
@@ -93,7 +95,7 @@ class ModelConfig(BaseModel):
 
     variant: Literal["tiny", "full"] = "tiny"
     base_model: str | None = Field(None, description="FLUX.1-dev diffusers folder or hub id (full variant)")
-    infu_model: Path | None = Field(None, description="InfU checkpoint root in the released layout")
+    infu_model: ResolvedPath | None = Field(None, description="InfU checkpoint root in the released layout")
     infu_version: str = "aes_stage2"
     infusenet_factor: int = Field(4, ge=1, description="i: InfuseNet has 1/i of the base blocks")
     tiny_seed: int = Field(0, description="seed of the tiny variant's random base models")

@@ -1,0 +1,45 @@
+"""What the InfU pipeline is conditioned on, from photos: identity embeddings and keypoint control images.
+
+These need only a face analyzer (no diffusion model), so callers can validate inputs before loading FLUX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from infu.face import Face, FaceAnalyzer, NoFaceError, draw_keypoints_control, largest_face, resize_and_pad
+from infu.images import ImageInput, load_rgb
+from infu.model.mixing import mix_identities
+
+
+def describe(image: ImageInput) -> str:
+    """How errors name an image: its path, or its type."""
+    return str(image) if isinstance(image, (str, Path)) else f"the {type(image).__name__} image"
+
+
+def required_face(analyzer: FaceAnalyzer, image: ImageInput, name: str | None = None) -> Face:
+    """The largest face in ``image``; :class:`NoFaceError` names ``name`` (default: the path) if none."""
+    face = largest_face(analyzer.analyze(image))
+    if face is None:
+        raise NoFaceError(name or describe(image))
+    return face
+
+
+def identity_from_images(
+    analyzer: FaceAnalyzer, images: Sequence[ImageInput], weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """``[D]`` unit embedding of one id image, or the weighted mix of several (Infinite-ID mixing)."""
+    embeddings = [np.asarray(required_face(analyzer, image).embedding, dtype=np.float32) for image in images]
+    return mix_identities(embeddings, weights)
+
+
+def keypoint_control(analyzer: FaceAnalyzer, pose_image: ImageInput, width: int, height: int) -> Image.Image:
+    """The largest face's keypoints in ``pose_image``, mapped as it is fitted into ``width`` x ``height``."""
+    image = load_rgb(pose_image)
+    face = required_face(analyzer, image, describe(pose_image))
+    return draw_keypoints_control((width, height), resize_and_pad(image, (width, height), face.kps).kps)

@@ -1,0 +1,84 @@
+"""Build an :class:`InfUFluxPipeline` from a :class:`ModelConfig` (tiny random models or real weights)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers.utils.torch_utils import get_device
+
+from infu.face import FaceAnalyzer
+from infu.model.config import ModelConfig
+from infu.model.infu import InfU
+from infu.model.infusenet import infusenet_block_counts
+from infu.model.pipeline import InfUFluxPipeline
+from infu.model.tiny import tiny_flux_components
+
+logger = logging.getLogger(__name__)
+
+FLUX_COMPONENTS = (
+    "scheduler",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "transformer",
+)
+
+
+def load_infu(config: ModelConfig, transformer: FluxTransformer2DModel, dtype: torch.dtype) -> InfU:
+    """The InfU checkpoint of ``config.infu_model``, or a fresh one seeded by ``config.tiny_seed``."""
+    if config.infu_model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.tiny_seed)
+            return InfU.from_transformer(transformer, config.projection, config.infusenet_factor)
+    infu = InfU.from_pretrained(config.infu_model, config.infu_version, config.projection, torch_dtype=dtype)
+    expected = infusenet_block_counts(
+        transformer.config.num_layers, transformer.config.num_single_layers, config.infusenet_factor
+    )
+    found = (infu.infusenet.config.num_layers, infu.infusenet.config.num_single_layers)
+    if found != expected:
+        raise ValueError(
+            f"the InfuseNet in {config.infu_model} has {found[0]} double + {found[1]} single blocks, but "
+            f"infusenet_factor {config.infusenet_factor} means {expected[0]} + {expected[1]}"
+        )
+    return infu
+
+
+def build_pipeline(
+    config: ModelConfig,
+    face_analyzer: FaceAnalyzer | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> InfUFluxPipeline:
+    """Tiny: random models from ``tiny_seed``. Full: FLUX from ``base_model``. Both: InfU, LoRAs, offload.
+
+    ``dtype`` defaults to bfloat16 for the full variant and float32 for the tiny one. ``cpu_offload``
+    needs an accelerator; without one it is skipped (logged) and the pipeline stays on ``device``.
+    """
+    dtype = dtype or (torch.bfloat16 if config.variant == "full" else torch.float32)
+    if config.variant == "tiny":
+        components = tiny_flux_components(config.projection.output_dim, config.tiny_seed)
+    else:
+        base = FluxPipeline.from_pretrained(config.base_model, torch_dtype=dtype)
+        components = {name: getattr(base, name) for name in FLUX_COMPONENTS}
+    infu = load_infu(config, components["transformer"], dtype)
+    pipeline = InfUFluxPipeline(
+        **components,
+        infusenet=infu.infusenet,
+        image_proj=infu.projection,
+        face_analyzer=face_analyzer,
+        inference=config.inference,
+    )
+    if config.variant == "tiny" and dtype != torch.float32:
+        pipeline.to(dtype=dtype)
+    pipeline.apply_loras(config.loras, root=config.infu_model, fuse=config.fuse_loras)
+    if config.cpu_offload and get_device() != "cpu":
+        on_accelerator = torch.device(device).type != "cpu"
+        pipeline.enable_model_cpu_offload(device=device if on_accelerator else None)
+        return pipeline
+    if config.cpu_offload:
+        logger.info("cpu_offload needs an accelerator and none was found: the models stay on %s", device)
+    return pipeline.to(device)
