@@ -200,4 +200,6 @@ SOURCES: dict[str, type[Source]] = {
 
 
 def open_source(config: SourceConfig) -> Source:
-    return SOURCES[config.kind](config)
+    from filtering.datasets import DATASET_SOURCES
+
+    return {**SOURCES, **DATASET_SOURCES}[config.kind](config)

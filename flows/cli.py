@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from infu.config import ConfigError, InfuConfig, load_config
+from infu.config import load_config_or_exit
 from infu.model.cli import generate_command
 
 app = typer.Typer(
@@ -20,13 +20,6 @@ app.add_typer(config_app, name="config")
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="run config YAML")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value")]
 
-
-def _load(config: Path, overrides: list[str] | None) -> InfuConfig:
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command("sample-corpus")
@@ -43,7 +36,7 @@ def ingest(config: ConfigOption = Path("configs/embedded.yaml"), set_: SetOption
     """Run the ingest step as a Ray job (local Ray, or run.ray_address) without Prefect."""
     from flows.steps import ray_cluster, run_step
 
-    run_config = _load(config, set_)
+    run_config = load_config_or_exit(config, set_)
     with ray_cluster(run_config) as (address, local):
         out_dir = run_step(run_config, "ingest", address, local)
     typer.echo(f"ingest shards: {out_dir}")
@@ -56,7 +49,7 @@ def run(
     step: Annotated[list[str] | None, typer.Option(help="run only these steps")] = None,
 ) -> None:
     """Run the full-pipeline Prefect flow: every configured step as a Ray job."""
-    _load(config, set_)
+    load_config_or_exit(config, set_)
     from flows.full_pipeline import full_pipeline
 
     results = full_pipeline(config=str(config), overrides=set_ or [], steps=step or None)
@@ -73,7 +66,7 @@ def validate(config: Annotated[Path, typer.Argument(help="run config YAML")], se
     """Check a run config; print its steps and their config hashes."""
     from flows.steps import configured_steps
 
-    run_config = _load(config, set_)
+    run_config = load_config_or_exit(config, set_)
     typer.echo(f"{config}: valid ({run_config.run.profile} profile, run dir {run_config.run.run_dir})")
     for name in configured_steps(run_config):
         typer.echo(f"  {name}: config hash {run_config.step_hash(name)[:12]}")

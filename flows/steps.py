@@ -25,7 +25,10 @@ class StepSpec:
     command: str
 
 
-STEPS = {spec.name: spec for spec in [StepSpec("ingest", "filtering", "ingest")]}
+STEPS = {
+    spec.name: spec
+    for spec in [StepSpec("ingest", "filtering", "ingest"), StepSpec("filter", "filtering", "filter")]
+}
 PIPELINE_ORDER = list(STEPS)
 
 

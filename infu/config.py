@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from infu.face.config import FaceConfig
 from infu.model.config import ModelConfig
 from infu.paths import ResolvedPath
+from infu.quality.config import QualityConfig
 
 
 class ConfigError(ValueError):
@@ -57,7 +59,10 @@ class RunSettings(_Section):
 class SourceConfig(_Section):
     """Where raw images come from."""
 
-    kind: Literal["folder", "webdataset", "sample_corpus"]
+    kind: Literal[
+        "folder", "webdataset", "sample_corpus", "vggface2", "millioncelebs", "celeba", "celebv_hq",
+        "celebv_text", "vfhq", "ffhq", "easyportrait", "cosmicman_hq",
+    ] = Field(..., description="source layout; dataset layouts are documented in docs/datasets.md")
     path: ResolvedPath
     dataset: str = Field(
         ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="dataset name recorded per sample"
@@ -78,6 +83,55 @@ class IngestConfig(_Section):
     shard_size: int = Field(1000, ge=1, le=100_000, description="samples per output shard")
     min_side: int = Field(64, ge=1, description="images whose shorter side is below this are rejected")
     max_pixels: int = Field(64 * 1024 * 1024, gt=0, description="decompression-bomb guard")
+    resources: Resources = Resources()
+
+
+class FilterThresholds(_Section):
+    """Decision rules of the SPSS filter. Every score is stored, so these can change without recomputing."""
+
+    min_side: int = Field(256, ge=1, description="image shorter side below this -> too_small")
+    second_face_ratio: float = Field(
+        0.2, gt=0, le=1, description="a second face with at least this fraction of the largest's area"
+    )
+    min_face_px: int = Field(64, ge=1, description="largest face's shorter bbox side below this")
+    min_face_area_ratio: float = Field(0.01, ge=0, le=1, description="face bbox area / image area")
+    min_detection_score: float | None = Field(None, description="detector score (backend-specific scale)")
+    max_abs_yaw: float = Field(60.0, gt=0)
+    max_abs_pitch: float = Field(45.0, gt=0)
+    min_face_sharpness: float = Field(20.0, ge=0, description="Laplacian variance of the face crop")
+    max_watermark: float = Field(0.5, ge=0, le=1)
+    max_nsfw: float = Field(0.5, ge=0, le=1)
+    min_aesthetic: float | None = Field(None, description="LAION aesthetic score (1..10); null = off")
+    max_aspect_error: float = Field(0.25, gt=0, description="|log(image ratio / bucket ratio)|")
+    max_phash_distance: int = Field(4, ge=0, le=16, description="near duplicates: pHash Hamming distance")
+    same_identity_similarity: float | None = Field(
+        None,
+        gt=-1,
+        lt=1,
+        description="face-embedding cosine at or above which two faces are one person (held-out identities, "
+        "identity clusters); null = the face backend's default (dlib 0.92, ArcFace 0.4)",
+    )
+
+
+class BucketConfig(_Section):
+    """NovelAI-style aspect-ratio buckets."""
+
+    resolution: int = Field(1024, ge=64)
+    min_side: int = Field(256, ge=64)
+    max_side: int = Field(2048, ge=64)
+    step: int = Field(64, ge=8)
+
+
+class FilterConfig(_Section):
+    """Raw shards -> SPSS training shards (kept samples) + a decision for every input sample."""
+
+    input: ResolvedPath | None = Field(None, description="raw shards folder; null = this run's ingest output")
+    held_out_identities: ResolvedPath | None = Field(
+        None, description="folder of <identity name>/<photos>: these people are removed from the data"
+    )
+    thresholds: FilterThresholds = FilterThresholds()
+    buckets: BucketConfig = BucketConfig()
+    max_pixels: int = Field(64 * 1024 * 1024, gt=0)
     resources: Resources = Resources()
 
 
@@ -112,13 +166,19 @@ class TrainingConfig(_Section):
     resources: Resources = Resources()
 
 
+STEP_DEPENDENCIES = {"filter": ("face", "quality"), "training": ("face", "model")}
+"""Shared sections whose settings change a step's output (and so its config hash)."""
+
+
 class InfuConfig(_Section):
     """A whole run."""
 
     run: RunSettings = RunSettings()
     face: FaceConfig = FaceConfig()
     model: ModelConfig = ModelConfig()
+    quality: QualityConfig = QualityConfig()
     ingest: IngestConfig | None = None
+    filter: FilterConfig | None = None
     training: TrainingConfig | None = None
 
     def step(self, name: str) -> BaseModel:
@@ -129,12 +189,11 @@ class InfuConfig(_Section):
         return section
 
     def step_hash(self, name: str) -> str:
-        """Hash of what determines a step's output: its section (minus resources) and the face/model."""
+        """Hash of what determines a step's output: its section (minus resources) and its dependencies."""
         section = self.step(name).model_dump(mode="json", exclude={"resources"})
         payload = {"step": name, "section": section}
-        if name != "ingest":
-            payload["face"] = self.face.model_dump(mode="json")
-            payload["model"] = self.model.model_dump(mode="json")
+        for shared in STEP_DEPENDENCIES.get(name, ()):
+            payload[shared] = getattr(self, shared).model_dump(mode="json")
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -198,6 +257,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> InfuCon
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     return config_from_dict(data, str(path))
+
+
+def load_config_or_exit(path: str | Path, overrides: list[str] | None = None) -> InfuConfig:
+    """:func:`load_config` for command lines: a bad config prints its error and exits with status 2."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def dump_config(config: InfuConfig) -> str:

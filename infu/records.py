@@ -55,6 +55,8 @@ FACE_TYPE = pa.struct(
     ]
 )
 """A detected face: x1,y1,x2,y2; detection score; 5 ArcFace keypoints flattened x0,y0..x4,y4; pose."""
+# Columns later steps fill: faces and the largest face's identity embedding, its identity cluster within
+# the dataset, a 64-bit perceptual hash (stored as signed int64), scores by name, captions by source.
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -72,6 +74,8 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("shard", pa.string()),
         pa.field("faces", pa.list_(FACE_TYPE)),
         pa.field("face_embedding", pa.list_(pa.float32())),
+        pa.field("identity_cluster", pa.string()),
+        pa.field("phash", pa.int64()),
         pa.field("scores", pa.map_(pa.string(), pa.float64())),
         pa.field("captions", pa.map_(pa.string(), pa.string())),
         pa.field("bucket_width", pa.int32()),

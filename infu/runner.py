@@ -65,16 +65,24 @@ def batched(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
 class ShardWorker:
     """A Ray actor: builds its stage once, then writes and commits whole shards."""
 
-    def __init__(self, make_stage: Callable[[], Stage], out_dir: str, batch_size: int, extra_stats: dict):
+    def __init__(
+        self,
+        make_stage: Callable[[], Stage],
+        out_dir: str,
+        batch_size: int,
+        extra_stats: dict,
+        with_images: bool,
+    ):
         self.stage = make_stage()
         self.stage.setup()
         self.out_dir = Path(out_dir)
         self.batch_size = batch_size
         self.extra_stats = extra_stats
+        self.with_images = with_images
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         task = ShardTask(name=row["name"], items=json.loads(row["items_json"]))
-        with ShardWriter(self.out_dir, task.name, self.extra_stats) as writer:
+        with ShardWriter(self.out_dir, task.name, self.extra_stats, self.with_images) as writer:
             for items in batched(task.items, self.batch_size):
                 outputs = self.stage.process_batch(items)
                 if len(outputs) != len(items):
@@ -136,6 +144,7 @@ def run_shards(
     label: str,
     total_shards: int | None = None,
     extra_stats: dict[str, Any] | None = None,
+    with_images: bool = True,
     window: int = 256,
 ) -> dict[str, Any]:
     """Produce every missing shard of ``tasks`` in ``out_dir``; returns run timings and counts.
@@ -171,6 +180,7 @@ def run_shards(
                     "out_dir": str(out_dir),
                     "batch_size": resources.batch_size,
                     "extra_stats": extra_stats or {},
+                    "with_images": with_images,
                 },
                 compute=ray.data.ActorPoolStrategy(size=min(resources.concurrency, len(rows))),
                 num_cpus=resources.num_cpus,

@@ -115,11 +115,17 @@ def _watermarked(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")
 
 
+def _mirrored(image: Image.Image) -> Image.Image:
+    """Same person, different picture: variants of a kept portrait must not be near duplicates of it."""
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
 def _exif_rotated(image: Image.Image) -> bytes:
-    """Pixels stored turned 90° clockwise with EXIF orientation 6, so viewers show it upright."""
+    """Pixels stored turned 90° counter-clockwise with EXIF orientation 6 (display: rotate 90° clockwise),
+    so viewers that apply EXIF show it upright."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    return _jpeg(image.transpose(Image.Transpose.ROTATE_270), exif=exif.tobytes())
+    return _jpeg(image.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -184,7 +190,7 @@ def build_sample_corpus(out: Path) -> list[Label]:
     )
 
     canvas = Image.new("RGB", (1536, 1536), (128, 128, 128))
-    canvas.paste(astronaut.resize((64, 75), Image.Resampling.LANCZOS), (736, 730))
+    canvas.paste(astronaut.resize((128, 150), Image.Resampling.LANCZOS), (704, 693))
     add(
         "variants/tiny_face.jpg",
         _jpeg(canvas),
@@ -192,7 +198,7 @@ def build_sample_corpus(out: Path) -> list[Label]:
         "astronaut",
         "ok",
         "face_too_small",
-        "a 64 px head in a 1536 px canvas",
+        "a 128 px head in a 1536 px canvas: the face covers about 0.1% of the image",
     )
     pair = Image.new("RGB", (people[0].width + people[1].width, max(people[0].height, people[1].height)))
     pair.paste(people[0], (0, 0))
@@ -218,22 +224,30 @@ def build_sample_corpus(out: Path) -> list[Label]:
     )
     add(
         "variants/grayscale.jpg",
-        _jpeg(people[3].convert("L")),
+        _jpeg(_mirrored(people[3]).convert("L")),
         "grayscale",
         "person_3",
         "ok",
         "kept",
-        "8-bit grayscale JPEG",
+        "8-bit grayscale JPEG (mirrored: not a near duplicate of the colour portrait)",
     )
-    add("variants/cmyk.jpg", _jpeg(people[4].convert("CMYK")), "cmyk", "person_4", "ok", "kept", "CMYK JPEG")
+    add(
+        "variants/cmyk.jpg",
+        _jpeg(_mirrored(people[4]).convert("CMYK")),
+        "cmyk",
+        "person_4",
+        "ok",
+        "kept",
+        "CMYK JPEG (mirrored)",
+    )
     add(
         "variants/exif_rotated.jpg",
-        _exif_rotated(people[5]),
+        _exif_rotated(_mirrored(people[5])),
         "exif_rotated",
         "person_5",
         "ok",
         "kept",
-        "stored sideways, EXIF orientation 6",
+        "stored sideways, EXIF orientation 6 (mirrored)",
     )
     add(
         "variants/very_small.jpg",

@@ -64,10 +64,13 @@ class ShardWriter:
     discards everything written so far.
     """
 
-    def __init__(self, out_dir: Path, name: str, extra_stats: dict[str, Any] | None = None):
+    def __init__(
+        self, out_dir: Path, name: str, extra_stats: dict[str, Any] | None = None, with_images: bool = True
+    ):
         self.out_dir = Path(out_dir)
         self.name = name
         self.extra_stats = extra_stats or {}
+        self.with_images = with_images
         self._tmp = self.out_dir / TMP_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir(parents=True)
         self._tar_file = open(self._tmp / f"{name}.tar", "wb")
@@ -85,9 +88,10 @@ class ShardWriter:
             self.abort()
 
     def add(self, record: dict[str, Any], image: bytes | None = None, extension: str | None = None) -> None:
-        """Add one sample. Kept samples carry their original image bytes and extension."""
+        """Add one sample. Kept samples carry their original image bytes and extension (unless the shard
+        is records-only: ``with_images=False``)."""
         record = dict(record, shard=self.name)
-        if record["status"] == Status.OK:
+        if record["status"] == Status.OK and self.with_images:
             if image is None or not extension:
                 raise ValueError(f"kept sample {record['key']} needs its image bytes and extension")
             self._tar.write(
@@ -117,12 +121,12 @@ class ShardWriter:
             "rejected": statuses.get(Status.REJECTED.value, 0),
             "reasons": dict(sorted(reasons.items())),
             "image_bytes": self._image_bytes,
-            "tar_bytes": (self._tmp / f"{self.name}.tar").stat().st_size,
+            "tar_bytes": (self._tmp / f"{self.name}.tar").stat().st_size if self.with_images else 0,
             "started": self._started,
             "seconds": round(time.time() - self._started, 4),
             **self.extra_stats,
         }
-        for suffix in (".tar", ".parquet"):
+        for suffix in (".tar", ".parquet") if self.with_images else (".parquet",):
             os.replace(self._tmp / f"{self.name}{suffix}", self.out_dir / f"{self.name}{suffix}")
         _fsync_write(self._tmp / f"{self.name}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
         os.replace(self._tmp / f"{self.name}{STATS_SUFFIX}", stats_path(self.out_dir, self.name))
@@ -181,6 +185,23 @@ def read_records(out_dir: Path) -> list[dict[str, Any]]:
     for path in parquet_paths(out_dir):
         records += table_to_records(pq.read_table(path, schema=SAMPLE_SCHEMA))
     return records
+
+
+class TarReader:
+    """Random access to the members of one uncompressed shard tar (offsets read once from its headers)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with tarfile.open(self.path, "r:") as tar:
+            self.members = {
+                member.name: (member.offset_data, member.size) for member in tar if member.isfile()
+            }
+
+    def read(self, name: str) -> bytes:
+        offset, size = self.members[name]
+        with open(self.path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
 
 
 @dataclass(frozen=True)

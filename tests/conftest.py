@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import ray
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ROOT = Path(os.environ.get("INFU_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
@@ -16,6 +17,15 @@ def _shared(sub: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent: real test photos/models are read from ../shared, never copied here")
     return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An in-process local Ray for one test module (any earlier connection is dropped first)."""
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,17 @@ from .conftest import PROJECT_ROOT
 BIN = Path(sys.executable).parent
 EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 EXPECTED_OUTCOMES = {"ok": 14, "bad_image": 1, "not_image": 1, "too_large": 1, "too_small": 1}
+FILTERED_OUTCOMES = {
+    "ok": 10,
+    "bad_image": 1,
+    "not_image": 1,
+    "too_large": 1,
+    "too_small": 1,
+    "face_too_small": 1,
+    "multiple_faces": 1,
+    "watermark": 1,
+    "no_face": 1,
+}
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +61,20 @@ def assert_ingested(run_dir: Path) -> None:
     assert {row["source_path"]: row["outcome"] for row in rows} == labels
 
 
-def test_infu_run_drives_the_ingest_job_through_prefect_and_local_ray(tmp_path):
+def assert_filtered(run_dir: Path) -> None:
+    assert DatasetIndex(run_dir / "filter").reason_counts() == FILTERED_OUTCOMES
+
+
+def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     ray.shutdown()
     result = run([str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"ingest output: {tmp_path / 'ingest'}" in result.stdout
+    assert f"filter output: {tmp_path / 'filter'}" in result.stdout
     assert "Flow run" in result.stderr + result.stdout and "Completed" in result.stderr + result.stdout
     assert_ingested(tmp_path)
-    assert sorted(path.name for path in (tmp_path / "_configs").iterdir())[0].startswith("ingest-")
+    assert_filtered(tmp_path)
+    assert sorted(path.name.split("-")[0] for path in (tmp_path / "_configs").iterdir()) == ["filter", "ingest"]
 
 
 @pytest.fixture()
@@ -105,6 +122,26 @@ def test_ray_job_submit_runs_the_entrypoint_and_the_flow_reuses_finished_jobs(ra
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert_ingested(tmp_path / "submitted")
+    filtered = run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_head,
+            "--",
+            "python",
+            "-m",
+            "filtering",
+            "filter",
+            "--config",
+            str(EMBEDDED),
+            *in_run_dir(tmp_path / "submitted"),
+        ],
+        **auth,
+    )
+    assert filtered.returncode == 0, filtered.stdout[-3000:] + filtered.stderr[-3000:]
+    assert_filtered(tmp_path / "submitted")
 
     flow_dir = tmp_path / "flow"
     command = [
@@ -120,6 +157,7 @@ def test_ray_job_submit_runs_the_entrypoint_and_the_flow_reuses_finished_jobs(ra
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "submitted job infu-embedded-ingest-" in first.stdout
     assert_ingested(flow_dir)
+    assert not (flow_dir / "filter").exists()
     shutil.rmtree(flow_dir / "ingest")
     second = run(command)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import ray
 
 from filtering.ingest import run_ingest
 from infu.config import load_config
@@ -21,14 +20,6 @@ from infu.shards import committed_shards, iter_samples, read_records
 from .conftest import PROJECT_ROOT
 
 EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,8 @@ def full_record(index: int) -> dict:
             },
         ],
         face_embedding=[0.25, -0.5, 0.75, 0.125],
+        identity_cluster="ffhq-c000042",
+        phash=-(2**63) + index,
         scores={"aesthetic": 6.25, "nsfw": 0.01, "blur": 153.5},
         captions={"original": "a portrait", "blip2": "a woman smiling", "internvl2": "ünïcode ✓"},
         bucket_width=896,

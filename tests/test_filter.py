@@ -1,0 +1,232 @@
+"""The SPSS filter: decision rules, expected decisions on the sample corpus and real photos, kill/resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from filtering.filter import SCORED, decide, face_sharpness, run_filter
+from filtering.ingest import run_ingest
+from infu.config import FilterThresholds, load_config
+from infu.face import Face, HeadPose
+from infu.index import DatasetIndex
+from infu.sample_corpus import build_sample_corpus, read_labels
+from infu.shards import committed_shards, iter_samples, read_records
+
+from .conftest import PROJECT_ROOT
+
+EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
+GOOD = {
+    "min_side": 512.0,
+    "face_count": 1.0,
+    "face_px": 200.0,
+    "face_area_ratio": 0.2,
+    "second_face_ratio": 0.0,
+    "detection_score": 1.0,
+    "yaw": 5.0,
+    "pitch": -3.0,
+    "sharpness": 100.0,
+    "watermark": 0.1,
+    "nsfw": 0.01,
+    "aesthetic": 6.0,
+    "aspect_error": 0.05,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"min_side": 100.0}, "too_small"),
+        ({"face_count": 0.0}, "no_face"),
+        ({"face_count": 2.0, "second_face_ratio": 0.5}, "multiple_faces"),
+        ({"face_px": 30.0}, "face_too_small"),
+        ({"face_area_ratio": 0.001}, "face_too_small"),
+        ({"yaw": -75.0}, "extreme_pose"),
+        ({"pitch": 50.0}, "extreme_pose"),
+        ({"sharpness": 3.0}, "blur"),
+        ({"watermark": 0.9}, "watermark"),
+        ({"nsfw": 0.9}, "nsfw"),
+        ({"held_out_similarity": 0.95}, "held_out_identity"),
+        ({"aspect_error": 0.9}, "aspect_ratio"),
+    ],
+)
+def test_each_rule_rejects_with_its_reason(change, reason):
+    rules = FilterThresholds(same_identity_similarity=0.92)
+    assert decide(GOOD, rules) is None
+    decision = decide({**GOOD, **change}, rules)
+    assert decision is not None and decision[0].value == reason
+
+
+def test_thresholds_apply_to_stored_scores_without_recomputing():
+    scores = {**GOOD, "aesthetic": 4.5, "face_count": 2.0, "second_face_ratio": 0.1}
+    assert decide(scores, FilterThresholds()) is None
+    assert decide(scores, FilterThresholds(min_aesthetic=5.0))[0].value == "low_aesthetics"
+    assert decide(scores, FilterThresholds(second_face_ratio=0.05))[0].value == "multiple_faces"
+    assert decide(scores, FilterThresholds(min_detection_score=2.0))[0].value == "low_detection_score"
+
+
+def test_face_sharpness_drops_with_blur(tmp_path):
+    build_sample_corpus(tmp_path)
+    image = Image.open(tmp_path / "people/person_2.jpg").convert("RGB")
+    face = Face(
+        bbox=np.array([100, 100, 350, 380], np.float32),
+        score=1.0,
+        kps=np.zeros((5, 2), np.float32),
+        embedding=np.zeros(128, np.float32),
+        pose=HeadPose(0.0, 0.0, 0.0),
+    )
+    sharp = face_sharpness(np.asarray(image), face)
+    blurred = face_sharpness(np.asarray(image.filter(ImageFilter.GaussianBlur(4))), face)
+    assert blurred < sharp / 4
+
+
+@pytest.fixture(scope="module")
+def filtered_corpus(local_ray, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    config = load_config(EMBEDDED, [f"run.run_dir={run_dir}", f"ingest.source.path={run_dir / 'corpus'}"])
+    run_ingest(config)
+    manifest = run_filter(config)
+    return config, manifest
+
+
+def test_every_corpus_variant_gets_its_expected_decision(filtered_corpus):
+    config, manifest = filtered_corpus
+    out_dir = config.step_dir("filter")
+    labels = {label.path: label.expect_filter for label in read_labels(config.ingest.source.path)}
+    rows = DatasetIndex(out_dir).query(
+        "SELECT source_path, coalesce(reject_reason, 'kept') AS outcome FROM samples ORDER BY source_path"
+    )
+    assert {row["source_path"]: row["outcome"] for row in rows} == labels
+    assert manifest["counts"]["samples"] == 18 and manifest["status"] == "complete"
+
+    records = {record["source_path"]: record for record in read_records(out_dir)}
+    kept = records["people/person_0.jpg"]
+    assert len(kept["faces"]) == 1 and len(kept["face_embedding"]) == 128
+    assert {"aesthetic", "nsfw", "watermark", "sharpness", "yaw", "face_area_ratio"} <= set(kept["scores"])
+    assert kept["bucket_width"] % 64 == 0 and kept["bucket_height"] % 64 == 0
+    assert kept["phash"] is not None and kept["identity_cluster"].startswith("sample-")
+    assert kept["captions"] == {"original": "a smiling man in a dark suit, portrait photo"}
+    assert records["variants/two_people.jpg"]["scores"]["face_count"] == 2
+    assert (
+        records["variants/grayscale.jpg"]["identity_cluster"]
+        == records["people/person_3.jpg"]["identity_cluster"]
+    )
+
+    samples = list(iter_samples(out_dir))
+    assert sorted(sample.record["source_path"] for sample in samples) == sorted(
+        path for path, outcome in labels.items() if outcome == "kept"
+    )
+    for sample in samples:
+        assert sample.image == (config.ingest.source.path / sample.record["source_path"]).read_bytes()
+
+
+def test_duplicates_and_held_out_identities_are_removed(local_ray, tmp_path):
+    corpus = tmp_path / "corpus"
+    build_sample_corpus(corpus)
+    shutil.copy(corpus / "people/person_1.jpg", corpus / "people/person_1_copy.jpg")
+    Image.open(corpus / "people/person_2.jpg").resize((360, 459)).save(
+        corpus / "people/person_2_small.jpg", quality=80
+    )
+    held_out = tmp_path / "held_out" / "person_4"
+    held_out.mkdir(parents=True)
+    shutil.copy(corpus / "people/person_4.jpg", held_out / "reference.jpg")
+    config = load_config(
+        EMBEDDED,
+        [
+            f"run.run_dir={tmp_path / 'run'}",
+            f"ingest.source.path={corpus}",
+            f"filter.held_out_identities={held_out.parent}",
+        ],
+    )
+    run_ingest(config)
+    run_filter(config)
+    outcome = {
+        row["source_path"]: (row["reject_reason"], row["reject_detail"])
+        for row in read_records(config.step_dir("filter"))
+    }
+    duplicates = {path for path, (reason, _) in outcome.items() if reason == "duplicate"}
+    assert len(duplicates) == 2
+    assert len(duplicates & {"people/person_1.jpg", "people/person_1_copy.jpg"}) == 1
+    assert len(duplicates & {"people/person_2.jpg", "people/person_2_small.jpg"}) == 1
+    assert outcome["people/person_4.jpg"][0] == "held_out_identity"
+    assert outcome["variants/cmyk.jpg"][0] == "held_out_identity"
+    assert outcome["people/person_3.jpg"][0] is None
+
+
+def test_killed_filter_job_resumes_to_the_same_rows(local_ray, tmp_path):
+    corpus = tmp_path / "corpus"
+    one_per_shard = ["ingest.shard_size=1", "filter.resources.concurrency=1"]
+    overrides = [f"ingest.source.path={corpus}", *one_per_shard]
+    reference = load_config(EMBEDDED, [f"run.run_dir={tmp_path / 'reference'}", *overrides])
+    run_ingest(reference)
+    run_filter(reference)
+
+    interrupted = load_config(EMBEDDED, [f"run.run_dir={tmp_path / 'interrupted'}", *overrides])
+    run_ingest(interrupted)
+    command = [sys.executable, "-m", "filtering", "filter", "--config", str(EMBEDDED)]
+    for override in (f"run.run_dir={tmp_path / 'interrupted'}", *overrides):
+        command += ["--set", override]
+    job = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    scored = interrupted.step_dir("filter") / SCORED
+    deadline = time.monotonic() + 180
+    while len(committed_shards(scored)) < 5 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    assert 5 <= len(committed_shards(scored)) < 18, "the kill should land mid-run"
+
+    run_filter(interrupted)
+
+    def rows(config):
+        return sorted(read_records(config.step_dir("filter")), key=lambda record: record["key"])
+
+    assert rows(interrupted) == rows(reference)
+
+
+def test_real_photos_get_the_decisions_a_person_would_expect(
+    local_ray, shared_faces, shared_portraits, tmp_path
+):
+    source = tmp_path / "photos"
+    source.mkdir()
+    expected = {
+        "images__t1.jpg": "multiple_faces",
+        "crop__no_face.png": "no_face",
+        "bulk__view.jpg": "no_face",
+        "bulk__pedestrian.png": "not_image",
+        "bulk__Rob_Lowe_0001.jpg": None,
+        "bulk__Nathalie_Baye_0002.jpg": None,
+    }
+    for name in expected:
+        shutil.copy(shared_faces / name, source / name)
+    for name in ("man.jpg", "woman.jpg"):
+        shutil.copy(shared_portraits / name, source / name)
+        expected[name] = None
+    config = load_config(
+        EMBEDDED,
+        [
+            f"run.run_dir={tmp_path / 'run'}",
+            "ingest.source.kind=folder",
+            f"ingest.source.path={source}",
+            "ingest.source.dataset=shared",
+        ],
+    )
+    run_ingest(config)
+    run_filter(config)
+    outcome = {
+        record["source_path"]: record["reject_reason"] for record in read_records(config.step_dir("filter"))
+    }
+    assert outcome == expected
