@@ -16,7 +16,6 @@ ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="run config Y
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value")]
 
 
-
 @app.command()
 def ingest(config: ConfigOption, set_: SetOption = None) -> None:
     """Source (image folder or webdataset tars) -> raw shards with one record per input file."""

@@ -21,7 +21,6 @@ ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="run config Y
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value")]
 
 
-
 @app.command("sample-corpus")
 def sample_corpus(out: Annotated[Path, typer.Argument(help="folder to write the corpus into")]) -> None:
     """Build the embedded sample corpus (package photos + labelled bad-input variants)."""

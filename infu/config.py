@@ -60,8 +60,18 @@ class SourceConfig(_Section):
     """Where raw images come from."""
 
     kind: Literal[
-        "folder", "webdataset", "sample_corpus", "vggface2", "millioncelebs", "celeba", "celebv_hq",
-        "celebv_text", "vfhq", "ffhq", "easyportrait", "cosmicman_hq",
+        "folder",
+        "webdataset",
+        "sample_corpus",
+        "vggface2",
+        "millioncelebs",
+        "celeba",
+        "celebv_hq",
+        "celebv_text",
+        "vfhq",
+        "ffhq",
+        "easyportrait",
+        "cosmicman_hq",
     ] = Field(..., description="source layout; dataset layouts are documented in docs/datasets.md")
     path: ResolvedPath
     dataset: str = Field(

@@ -1,7 +1,7 @@
 """Safe image probing and decoding shared by every step.
 
-One place decides what a bad image is: bytes that are not an image (``not_image``), an image whose
-data is corrupt or truncated (``bad_image``), and a header that claims more pixels than allowed
+One place decides what a bad image is: bytes that are not an image (``not_image``), an empty file or
+an image whose data is corrupt or truncated (``bad_image``), and a header that claims more pixels than allowed
 (``too_large``, a decompression-bomb guard applied before any pixel is decoded). Decoding applies the
 EXIF orientation and converts every colour mode (grayscale, CMYK, palette, alpha) to RGB.
 """
@@ -61,6 +61,8 @@ def extension_for_mime(mime: str) -> str:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise BadImageError("bad_image", "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

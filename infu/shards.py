@@ -251,8 +251,17 @@ def ray_records(out_dir: Path):  # noqa: ANN201 - ray.data.Dataset, imported laz
     return ray.data.read_parquet([str(path) for path in parquet_paths(out_dir)], schema=SAMPLE_SCHEMA)
 
 
+def _image_member_as_image(name: str) -> str:
+    """``<key>.jpg`` / ``<key>.png`` -> ``<key>.image``: one column whatever each sample's format."""
+    key, _, extension = name.partition(".")
+    return name if extension == "json" else f"{key}.image"
+
+
 def ray_samples(out_dir: Path):  # noqa: ANN201
-    """The kept samples (image bytes + record JSON) of the committed shards as a Ray Dataset."""
+    """The kept samples of the committed shards as a Ray Dataset: ``__key__``, ``image`` (original bytes;
+    the format is the record's ``mime``) and ``json`` (the record, decoded)."""
     import ray.data
 
-    return ray.data.read_webdataset([str(path) for path in tar_paths(out_dir)], decoder=False)
+    return ray.data.read_webdataset(
+        [str(path) for path in tar_paths(out_dir)], decoder=False, filerename=_image_member_as_image
+    )

@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-import ray
+
+from infu.raycluster import use_token_auth_if_present
+
+use_token_auth_if_present()  # before any test imports Ray, which reads its auth mode once
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ROOT = Path(os.environ.get("INFU_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
@@ -22,6 +25,8 @@ def _shared(sub: str) -> Path:
 @pytest.fixture(scope="module")
 def local_ray():
     """An in-process local Ray for one test module (any earlier connection is dropped first)."""
+    import ray
+
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield

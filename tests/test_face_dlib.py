@@ -134,7 +134,7 @@ class TestSharedPhotos:
         assert dlib_analyzer.analyze(shared_faces / "crop__no_face.png") == []
         with pytest.raises(BadImageError) as error:
             dlib_analyzer.analyze(shared_faces / "bulk__pedestrian.png")
-        assert "bulk__pedestrian.png" in str(error.value) and error.value.reason == "not_image"
+        assert "bulk__pedestrian.png" in str(error.value) and error.value.reason == "bad_image"
 
     def test_exif_orientation_is_applied_before_detection(self, dlib_analyzer, shared_faces):
         path = shared_faces / "bulk__image_T1.jpeg"

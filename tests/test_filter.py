@@ -206,7 +206,7 @@ def test_real_photos_get_the_decisions_a_person_would_expect(
         "images__t1.jpg": "multiple_faces",
         "crop__no_face.png": "no_face",
         "bulk__view.jpg": "no_face",
-        "bulk__pedestrian.png": "not_image",
+        "bulk__pedestrian.png": "bad_image",  # an empty file
         "bulk__Rob_Lowe_0001.jpg": None,
         "bulk__Nathalie_Baye_0002.jpg": None,
     }

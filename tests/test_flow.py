@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from infu.index import DatasetIndex
+from infu.raycluster import JobFailedError, run_job
 from infu.sample_corpus import read_labels
 
 from .conftest import PROJECT_ROOT
@@ -74,7 +75,10 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     assert "Flow run" in result.stderr + result.stdout and "Completed" in result.stderr + result.stdout
     assert_ingested(tmp_path)
     assert_filtered(tmp_path)
-    assert sorted(path.name.split("-")[0] for path in (tmp_path / "_configs").iterdir()) == ["filter", "ingest"]
+    assert sorted(path.name.split("-")[0] for path in (tmp_path / "_configs").iterdir()) == [
+        "filter",
+        "ingest",
+    ]
 
 
 @pytest.fixture()
@@ -162,6 +166,19 @@ def test_ray_job_submit_runs_the_entrypoint_and_the_flow_reuses_finished_jobs(ra
     second = run(command)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "already succeeded; not running it again" in second.stdout
+
+
+def test_a_failed_job_fails_the_step_and_is_retried_as_a_new_attempt(ray_head):
+    lines: list[str] = []
+    failing = f"{sys.executable} -c \"print('about to fail'); raise SystemExit(3)\""
+    for attempt in (1, 2):
+        with pytest.raises(JobFailedError, match=f"job infu-test-fail-{attempt} ended FAILED"):
+            run_job(ray_head, failing, "infu-test-fail", log=lines.append, poll_s=0.2, timeout_s=120)
+    assert "about to fail" in lines
+    assert (
+        run_job(ray_head, f"{sys.executable} -c pass", "infu-test-pass", log=lines.append)
+        == "infu-test-pass-1"
+    )
 
 
 def test_cli_reports_config_errors_and_builds_the_corpus(tmp_path):

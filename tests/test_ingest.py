@@ -15,7 +15,7 @@ from filtering.ingest import run_ingest
 from infu.config import load_config
 from infu.index import DatasetIndex
 from infu.sample_corpus import build_sample_corpus, read_labels
-from infu.shards import committed_shards, iter_samples, read_records
+from infu.shards import committed_shards, iter_samples, ray_records, ray_samples, read_records
 
 from .conftest import PROJECT_ROOT
 
@@ -81,10 +81,19 @@ def test_ingest_records_every_input_with_its_expected_outcome(local_ray, corpus,
         )
 
 
-def test_rerun_skips_committed_shards(local_ray, corpus, tmp_path):
+def test_rerun_skips_committed_shards_and_ray_reads_the_shards(local_ray, corpus, tmp_path):
     config = embedded_config(tmp_path, corpus)
     run_ingest(config)
     before = read_records(config.step_dir("ingest"))
+    ray_rows = ray_records(config.step_dir("ingest")).take_all()
+    assert sorted(row["key"] for row in ray_rows) == sorted(record["key"] for record in before)
+    samples = ray_samples(config.step_dir("ingest")).take_all()
+    assert len(samples) == 14
+    by_key = {record["key"]: record for record in before}
+    for sample in samples:
+        record = by_key[sample["__key__"]]
+        assert hashlib.sha256(sample["image"]).hexdigest() == record["sha256"]
+        assert sample["json"]["key"] == record["key"]
     manifest = run_ingest(config)
     assert manifest["run"]["shards_skipped"] == 3 and manifest["run"]["shards_written"] == 0
     assert read_records(config.step_dir("ingest")) == before

@@ -73,6 +73,8 @@ def test_decoding_normalises_orientation_and_colour(corpus):
     with pytest.raises(BadImageError) as error:
         probe_image((corpus / "variants/huge_header.png").read_bytes(), max_pixels=10**12)
     assert error.value.reason == "too_large"
+    with pytest.raises(BadImageError, match="bad_image: empty file"):
+        probe_image(b"")
     with pytest.raises(BadImageError, match="exceeds the 100-pixel limit"):
         probe_image((corpus / "people/person_0.jpg").read_bytes(), max_pixels=100)
 
