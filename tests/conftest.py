@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from infu.raycluster import use_token_auth_if_present
+from infu.shards import committed_shards
 
 use_token_auth_if_present()  # before any test imports Ray, which reads its auth mode once
 
@@ -20,6 +25,27 @@ def _shared(sub: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent: real test photos/models are read from ../shared, never copied here")
     return path
+
+
+def kill_step_job_midway(step: str, config: Path, overrides: list[str], shards_dir: Path, after: int) -> int:
+    """Run ``python -m filtering <step>`` (with its own local Ray) and SIGKILL its whole process group once
+    ``after`` shards are committed in ``shards_dir``; returns how many were committed by then."""
+    command = [sys.executable, "-m", "filtering", step, "--config", str(config)]
+    for override in overrides:
+        command += ["--set", override]
+    job = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    while len(committed_shards(shards_dir)) < after and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    return len(committed_shards(shards_dir))
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,9 +14,9 @@ from infu.config import FilterThresholds, load_config
 from infu.face import Face, HeadPose
 from infu.index import DatasetIndex
 from infu.sample_corpus import build_sample_corpus, read_labels
-from infu.shards import committed_shards, iter_samples, read_records
+from infu.shards import iter_samples, read_records
 
-from .conftest import PROJECT_ROOT
+from .conftest import PROJECT_ROOT, kill_step_job_midway
 
 EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 GOOD = {
@@ -171,23 +166,10 @@ def test_killed_filter_job_resumes_to_the_same_rows(local_ray, tmp_path):
 
     interrupted = load_config(EMBEDDED, [f"run.run_dir={tmp_path / 'interrupted'}", *overrides])
     run_ingest(interrupted)
-    command = [sys.executable, "-m", "filtering", "filter", "--config", str(EMBEDDED)]
-    for override in (f"run.run_dir={tmp_path / 'interrupted'}", *overrides):
-        command += ["--set", override]
-    job = subprocess.Popen(
-        command,
-        cwd=PROJECT_ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     scored = interrupted.step_dir("filter") / SCORED
-    deadline = time.monotonic() + 180
-    while len(committed_shards(scored)) < 5 and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=30)
-    assert 5 <= len(committed_shards(scored)) < 18, "the kill should land mid-run"
+    job_overrides = [f"run.run_dir={tmp_path / 'interrupted'}", *overrides]
+    done_before_kill = kill_step_job_midway("filter", EMBEDDED, job_overrides, scored, after=5)
+    assert 5 <= done_before_kill < 18, "the kill should land mid-run"
 
     run_filter(interrupted)
 

@@ -104,48 +104,18 @@ def ray_head():
     run([str(BIN / "ray"), "stop", "--force"], timeout=120)
 
 
-def test_ray_job_submit_runs_the_entrypoint_and_the_flow_reuses_finished_jobs(ray_head, tmp_path):
+def submit_step(ray_head: str, step: str, run_dir: Path) -> subprocess.CompletedProcess:
+    """`ray job submit -- python -m filtering <step> ...`, as the README shows."""
     auth = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
-    submitted = run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            ray_head,
-            "--",
-            "python",
-            "-m",
-            "filtering",
-            "ingest",
-            "--config",
-            str(EMBEDDED),
-            *in_run_dir(tmp_path / "submitted"),
-        ],
-        **auth,
-    )
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    assert_ingested(tmp_path / "submitted")
-    filtered = run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            ray_head,
-            "--",
-            "python",
-            "-m",
-            "filtering",
-            "filter",
-            "--config",
-            str(EMBEDDED),
-            *in_run_dir(tmp_path / "submitted"),
-        ],
-        **auth,
-    )
-    assert filtered.returncode == 0, filtered.stdout[-3000:] + filtered.stderr[-3000:]
-    assert_filtered(tmp_path / "submitted")
+    entrypoint = ["python", "-m", "filtering", step, "--config", str(EMBEDDED), *in_run_dir(run_dir)]
+    return run([str(BIN / "ray"), "job", "submit", "--address", ray_head, "--", *entrypoint], **auth)
+
+
+def test_ray_job_submit_runs_the_entrypoint_and_the_flow_reuses_finished_jobs(ray_head, tmp_path):
+    for step, check in (("ingest", assert_ingested), ("filter", assert_filtered)):
+        submitted = submit_step(ray_head, step, tmp_path / "submitted")
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        check(tmp_path / "submitted")
 
     flow_dir = tmp_path / "flow"
     command = [

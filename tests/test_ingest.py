@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -17,7 +12,7 @@ from infu.index import DatasetIndex
 from infu.sample_corpus import build_sample_corpus, read_labels
 from infu.shards import committed_shards, iter_samples, ray_records, ray_samples, read_records
 
-from .conftest import PROJECT_ROOT
+from .conftest import PROJECT_ROOT, kill_step_job_midway
 
 EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 
@@ -112,27 +107,9 @@ def test_killed_job_resumes_to_the_same_rows(local_ray, corpus, tmp_path):
     run_ingest(reference)
 
     interrupted = embedded_config(tmp_path / "interrupted", corpus, *one_per_shard)
-    command = [sys.executable, "-m", "filtering", "ingest", "--config", str(EMBEDDED)]
-    for override in (
-        f"run.run_dir={tmp_path / 'interrupted'}",
-        f"ingest.source.path={corpus}",
-        *one_per_shard,
-    ):
-        command += ["--set", override]
-    job = subprocess.Popen(
-        command,
-        cwd=PROJECT_ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     out_dir = interrupted.step_dir("ingest")
-    deadline = time.monotonic() + 120
-    while len(committed_shards(out_dir)) < 4 and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=30)
-    done_before_kill = len(committed_shards(out_dir))
+    overrides = [f"run.run_dir={tmp_path / 'interrupted'}", f"ingest.source.path={corpus}", *one_per_shard]
+    done_before_kill = kill_step_job_midway("ingest", EMBEDDED, overrides, out_dir, after=4)
     assert 4 <= done_before_kill < 18, "the kill should land mid-run"
 
     manifest = run_ingest(interrupted)
