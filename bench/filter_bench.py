@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from filtering.filter import ScoreStage, _tasks
+from filtering.filter import ScoreStage, shard_tasks
 from filtering.ingest import run_ingest
 from infu.config import load_config
 from infu.records import new_record
@@ -55,7 +55,7 @@ def bench_filter(work: Path, copies: int) -> None:
     )
     run_ingest(config)
     settings = config.filter
-    tasks = _tasks(config.step_dir("ingest"), config.step_dir("ingest"))
+    tasks = list(shard_tasks(config.step_dir("ingest"), config.step_dir("ingest")))
     count = sum(len(task.items) for task in tasks)
 
     stage = ScoreStage(settings, config.face, config.quality)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -311,18 +312,12 @@ def global_decisions(scored_dir: Path, rules: FilterThresholds) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _tasks(records_dir: Path, tar_dir: Path) -> list[ShardTask]:
-    """One output shard per input shard, items = the input records (+ where their bytes are)."""
-    return [
-        ShardTask(
-            name,
-            [
-                {"record": record, "tar": str(tar_dir / f"{name}.tar")}
-                for record in table_to_records(pq.read_table(records_dir / f"{name}.parquet"))
-            ],
-        )
-        for name in committed_shards(records_dir)
-    ]
+def shard_tasks(records_dir: Path, tar_dir: Path) -> Iterator[ShardTask]:
+    """One output shard per input shard, items = the input records (+ where their bytes are); read
+    lazily, one shard's Parquet at a time, as the runner asks for them."""
+    for name in committed_shards(records_dir):
+        records = table_to_records(pq.read_table(records_dir / f"{name}.parquet"))
+        yield ShardTask(name, [{"record": record, "tar": str(tar_dir / f"{name}.tar")} for record in records])
 
 
 def with_identity_threshold(settings: FilterConfig, face: FaceConfig) -> FilterConfig:
@@ -353,10 +348,11 @@ def run_filter(config: InfuConfig) -> dict[str, Any]:
     stats = {"config_hash": config_hash}
     score_run = run_shards(
         out_dir / SCORED,
-        _tasks(input_dir, input_dir),
+        shard_tasks(input_dir, input_dir),
         partial(ScoreStage, settings, config.face, config.quality),
         settings.resources,
         label="filter: score",
+        total_shards=len(committed_shards(input_dir)),
         extra_stats=stats,
         with_images=False,
     )
@@ -368,10 +364,11 @@ def run_filter(config: InfuConfig) -> dict[str, Any]:
         os.replace(decisions.with_suffix(".tmp"), decisions)
     write_run = run_shards(
         out_dir,
-        _tasks(out_dir / SCORED, input_dir),
+        shard_tasks(out_dir / SCORED, input_dir),
         partial(WriteStage, str(decisions)),
         settings.resources.model_copy(update={"num_gpus": 0.0}),
         label="filter: write",
+        total_shards=len(committed_shards(input_dir)),
         extra_stats=stats,
     )
     counts = summarize(read_stats(out_dir))
