@@ -11,7 +11,6 @@ SCRFD/ArcFace speed). "batch" calls ``FaceBatchAnnotator`` on batches of encoded
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import tempfile
 import time
@@ -24,9 +23,10 @@ from PIL import Image
 
 from infu.face import FaceBatchAnnotator, FaceConfig
 from infu.face.tiny_models import CELL, white_square_image, write_tiny_pack
+from infu.paths import package_file
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
-PACKAGE_IMAGES = Path(importlib.util.find_spec("insightface").origin).parent / "data" / "images"
+PACKAGE_IMAGES = package_file("insightface", "data", "images")
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -1,14 +1,24 @@
-"""Path type for configs: relative paths resolve against the directory the config is loaded in.
+"""Paths: the config path type, and files that installed packages ship.
 
-Jobs receive the effective (fully resolved) config, so a path means the same on every Ray worker
-whatever its working directory.
+Relative config paths resolve against the directory the config is loaded in. Jobs receive the
+effective (fully resolved) config, so a path means the same on every Ray worker whatever its working
+directory.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator
 
 ResolvedPath = Annotated[Path, AfterValidator(lambda path: path.expanduser().resolve())]
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A file or folder shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed; {'/'.join(parts) or 'it'} is needed")
+    return Path(spec.submodule_search_locations[0], *parts)

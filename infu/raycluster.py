@@ -41,7 +41,7 @@ def ensure_ray(address: str | None = None) -> None:
     ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -56,7 +56,7 @@ class LocalRay:
     def start(self) -> str:
         import ray
 
-        port = _free_port()
+        port = free_port()
         context = ray.init(
             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, configure_logging=False
         )

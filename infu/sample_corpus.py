@@ -19,6 +19,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from infu.paths import package_file
+
 GROUP_PHOTO_SHA256 = "47f682e945b659f93a9e490b9c9c4a2a864abe64dace9e1a2893845ddfd69489"
 # Face boxes (x1, y1, x2, y2) of the six people in insightface's data/images/t1.jpg (dlib HOG).
 GROUP_FACES = [
@@ -50,17 +52,8 @@ class Label:
     note: str
 
 
-def _package_image(package: str, *parts: str) -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package} is not installed; the sample corpus needs its images")
-    return Path(spec.submodule_search_locations[0], *parts)
-
-
 def group_photo_path() -> Path:
-    path = _package_image("insightface", "data", "images", "t1.jpg")
+    path = package_file("insightface", "data", "images", "t1.jpg")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != GROUP_PHOTO_SHA256:
         raise ValueError(f"{path} is not the group photo the corpus crops were measured on (sha256 {digest})")
@@ -68,11 +61,11 @@ def group_photo_path() -> Path:
 
 
 def astronaut_path() -> Path:
-    return _package_image("skimage", "data", "astronaut.png")
+    return package_file("skimage", "data", "astronaut.png")
 
 
 def cat_path() -> Path:
-    return _package_image("skimage", "data", "chelsea.png")
+    return package_file("skimage", "data", "chelsea.png")
 
 
 def _jpeg(image: Image.Image, **options: object) -> bytes:

@@ -12,8 +12,9 @@ import urllib.request
 import pytest
 
 from infu.index import DatasetIndex
+from infu.raycluster import free_port
 
-from .test_flow import BIN, PROJECT_ROOT, free_port
+from .test_flow import BIN, PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 

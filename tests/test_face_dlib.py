@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
@@ -20,10 +19,9 @@ from infu.face import (
     load_face_analyzer,
 )
 from infu.face.dlib_backend import dlib_model_dir
+from infu.paths import package_file
 
-INSIGHTFACE_IMAGES = (
-    Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"
-)
+INSIGHTFACE_IMAGES = package_file("insightface", "data", "images")
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +20,9 @@ from infu.face.ray_batch import (
     FACE_SCORES,
 )
 from infu.face.tiny_models import LANDMARK_YAW, white_square_image, write_tiny_pack
+from infu.paths import package_file
 
-INSIGHTFACE_IMAGES = Path(importlib.util.find_spec("insightface").origin).parent / "data" / "images"
+INSIGHTFACE_IMAGES = package_file("insightface", "data", "images")
 CPU = ["CPUExecutionProvider"]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import ray
 
 from infu.index import DatasetIndex
-from infu.raycluster import JobFailedError, run_job
+from infu.raycluster import JobFailedError, free_port, run_job
 from infu.sample_corpus import read_labels
 
 from .conftest import PROJECT_ROOT
@@ -41,12 +40,6 @@ def run(command: list[str], timeout: float = 300, **env: str) -> subprocess.Comp
     return subprocess.run(
         command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=environment
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def in_run_dir(run_dir: Path) -> list[str]:

@@ -6,7 +6,6 @@ without being imported: importing it needs ``pkg_resources``, which current setu
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
@@ -16,6 +15,7 @@ import numpy as np
 from infu.face.base import Face, FaceAnalyzer, l2_normalize
 from infu.face.config import FaceConfig
 from infu.face.pose import five_keypoints, head_pose
+from infu.paths import package_file
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 DESCRIPTOR_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -23,10 +23,7 @@ DESCRIPTOR_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 
 def dlib_model_dir() -> Path:
     """The ``models`` folder of the installed face-recognition-models package."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the dlib backend needs `pip install face-recognition-models` (its weights)")
-    folder = Path(spec.submodule_search_locations[0]) / "models"
+    folder = package_file("face_recognition_models", "models")
     missing = [name for name in (PREDICTOR_FILE, DESCRIPTOR_FILE) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"face-recognition-models at {folder} lacks {', '.join(missing)}")

@@ -9,15 +9,14 @@ Angles are relative to the line of sight to the face, not to the optical axis.
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 from functools import cache
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from infu.face.base import HeadPose
+from infu.paths import package_file
 
 INNER_LANDMARKS = slice(17, 68)
 LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)
@@ -41,10 +40,7 @@ def five_keypoints(landmarks: np.ndarray) -> np.ndarray:
 @cache
 def generic_face_3d() -> np.ndarray:
     """(68, 3) mean face in camera axes, levelled (eye centres and mouth corners at equal depth)."""
-    spec = importlib.util.find_spec("insightface")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("head pose needs the insightface package (it ships the 68-point mean face)")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "objects" / "meanshape_68.pkl"
+    path = package_file("insightface", "data", "objects", "meanshape_68.pkl")
     with path.open("rb") as stream:
         mean_shape = np.asarray(pickle.load(stream), dtype=np.float64)
     face = mean_shape * np.array([1.0, 1.0, -1.0])  # insightface's z points to the viewer
