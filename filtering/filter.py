@@ -14,7 +14,6 @@ Three resumable phases, each committing shards atomically:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -29,10 +28,10 @@ from PIL import Image
 from filtering.buckets import assign_bucket, make_buckets
 from filtering.dedup import find_duplicates, phash
 from filtering.identity import SAME_IDENTITY_SIMILARITY, HeldOutIdentities, cluster_identities
-from infu.config import FilterConfig, FilterThresholds, InfuConfig, dump_config
+from infu.config import FilterConfig, FilterThresholds, InfuConfig
 from infu.face import Face, FaceAnalyzer, FaceConfig, load_face_analyzer
 from infu.images import BadImageError, decode_image, extension_for_mime
-from infu.manifest import check_resumable, summarize, write_manifest
+from infu.manifest import open_step_output, summarize
 from infu.quality.config import QualityConfig
 from infu.records import RejectReason, Status, reject, table_to_records
 from infu.runner import ShardTask, Stage, StageOutput, run_shards
@@ -337,15 +336,9 @@ def run_filter(config: InfuConfig) -> dict[str, Any]:
     input_dir = settings.input or config.step_dir("ingest")
     if not committed_shards(input_dir):
         raise FileNotFoundError(f"no committed shards in {input_dir}: run the ingest step first")
-    out_dir = config.step_dir(STEP)
-    config_hash = config.step_hash(STEP)
-    check_resumable(out_dir, STEP, config_hash)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    common = {"step": STEP, "config_hash": config_hash, "config": settings.model_dump(mode="json")}
-    write_manifest(out_dir, status="running", inputs={"shards": str(input_dir)}, **common)
-    (out_dir / "_config.yaml").write_text(dump_config(config))
-    started = time.time()
-    stats = {"config_hash": config_hash}
+    output = open_step_output(config, STEP, settings, shards=str(input_dir))
+    out_dir = output.out_dir
+    stats = {"config_hash": output.config_hash}
     score_run = run_shards(
         out_dir / SCORED,
         shard_tasks(input_dir, input_dir),
@@ -371,13 +364,7 @@ def run_filter(config: InfuConfig) -> dict[str, Any]:
         total_shards=len(committed_shards(input_dir)),
         extra_stats=stats,
     )
-    counts = summarize(read_stats(out_dir))
-    return write_manifest(
-        out_dir,
-        status="complete",
+    return output.complete(
         inputs={"shards": str(input_dir), "samples": summarize(read_stats(input_dir))["samples"]},
-        counts=counts,
-        timings={"started": started, "seconds": round(time.time() - started, 3)},
         run={"score": score_run, "write": write_run},
-        **common,
     )

@@ -8,17 +8,16 @@ with a reason. A rerun skips the shards already committed.
 from __future__ import annotations
 
 import hashlib
-import time
 from functools import partial
 from typing import Any
 
 from filtering.sources import Source, open_source
-from infu.config import InfuConfig, IngestConfig, dump_config
+from infu.config import InfuConfig, IngestConfig
 from infu.images import BadImageError, probe_image
-from infu.manifest import check_resumable, summarize, write_manifest
+from infu.manifest import open_step_output
 from infu.records import RejectReason, new_record, reject
 from infu.runner import ShardTask, Stage, StageOutput, batched, run_shards
-from infu.shards import read_stats, shard_name
+from infu.shards import shard_name
 
 STEP = "ingest"
 
@@ -64,33 +63,18 @@ def run_ingest(config: InfuConfig) -> dict[str, Any]:
     """Run the ingest step of ``config`` and return its manifest."""
     ingest = config.step(STEP)
     assert isinstance(ingest, IngestConfig)
-    out_dir = config.step_dir(STEP)
-    config_hash = config.step_hash(STEP)
-    check_resumable(out_dir, STEP, config_hash)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output = open_step_output(config, STEP, ingest)
     source = open_source(ingest.source)
-    common = {"step": STEP, "config_hash": config_hash, "config": ingest.model_dump(mode="json")}
-    write_manifest(out_dir, status="running", **common)
-    (out_dir / "_config.yaml").write_text(dump_config(config))
     tasks = (
         ShardTask(shard_name(index), items)
         for index, items in enumerate(batched(source.iter_items(), ingest.shard_size))
     )
-    started = time.time()
     run = run_shards(
-        out_dir,
+        output.out_dir,
         tasks,
         partial(IngestStage, ingest),
         ingest.resources,
         label=STEP,
-        extra_stats={"config_hash": config_hash},
+        extra_stats={"config_hash": output.config_hash},
     )
-    return write_manifest(
-        out_dir,
-        status="complete",
-        inputs=source.describe(),
-        counts=summarize(read_stats(out_dir)),
-        timings={"started": started, "seconds": round(time.time() - started, 3)},
-        run=run,
-        **common,
-    )
+    return output.complete(inputs=source.describe(), run=run)

@@ -8,10 +8,15 @@ import platform
 import subprocess
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 import infu
+from infu.config import InfuConfig, dump_config
+from infu.shards import read_stats
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -78,3 +83,37 @@ def write_manifest(out_dir: Path, **fields: Any) -> dict[str, Any]:
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(tmp, path)
     return manifest
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A step's output folder for this run, opened by :func:`open_step_output`."""
+
+    out_dir: Path
+    config_hash: str
+    common: dict[str, Any]
+    started: float
+
+    def complete(self, **fields: Any) -> dict[str, Any]:
+        """Mark the output complete: counts of its committed shards, timings and ``fields``."""
+        return write_manifest(
+            self.out_dir,
+            status="complete",
+            counts=summarize(read_stats(self.out_dir)),
+            timings={"started": self.started, "seconds": round(time.time() - self.started, 3)},
+            **fields,
+            **self.common,
+        )
+
+
+def open_step_output(config: InfuConfig, step: str, section: BaseModel, **inputs: Any) -> StepOutput:
+    """Create or resume ``step``'s output folder: refuse another config's shards, record the run as
+    running with its effective config (``_config.yaml``) and ``inputs``."""
+    out_dir = config.step_dir(step)
+    config_hash = config.step_hash(step)
+    check_resumable(out_dir, step, config_hash)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common = {"step": step, "config_hash": config_hash, "config": section.model_dump(mode="json")}
+    write_manifest(out_dir, status="running", inputs=inputs, **common)
+    (out_dir / "_config.yaml").write_text(dump_config(config))
+    return StepOutput(out_dir, config_hash, common, time.time())
