@@ -23,6 +23,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check infu filtering flows tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf runs .pytest_cache

@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from filtering.config import SourceConfig
 from filtering.sources import Source, SourceError
-from infu.config import SourceConfig
 
 VIDEO_NOTE = (
     "raw videos (.mp4) are not decoded: extract frames to <clip_id>/<frame>.png|jpg under the dataset root"

@@ -1,45 +1,47 @@
 """The SPSS filter: raw shards -> single-person portrait shards, one decision per input sample.
 
-Three resumable phases, each committing shards atomically:
+Three resumable phases, each committing atomically:
 
-1. **score** (Ray actor pool, models loaded once per worker): decode, face analysis, face sharpness,
-   CLIP-based quality heads, held-out identity match, aspect bucket, perceptual hash; a per-image
+1. **score** (one Ray Data pipeline): a CPU ``decode`` stage reads and decodes the original bytes, the
+   ``score`` stage (models loaded once per worker, the step's GPUs) runs face analysis, face sharpness,
+   CLIP-based quality heads, held-out identity match, aspect bucket, perceptual hash and the per-image
    decision. Records only (``filter/_scored/``).
-2. **global** (driver): exact (sha256) and near (pHash) duplicates among the images still kept, keeping
-   the first in key order, and identity clusters per dataset -> ``filter/_global/decisions.parquet``.
-3. **write** (Ray): the final shards in ``filter/`` with the kept samples' original bytes and every
-   input sample's record, kept or rejected, with all its scores.
+2. **global** (a reduce phase, :mod:`filtering.global_phase`): exact (sha256) and near (pHash)
+   duplicates among the images still kept, keeping the first in key order, and identity clusters per
+   dataset -> ``filter/_global/decisions/<shard>.parquet``, partitioned by shard.
+3. **write**: the final shards in ``filter/`` with the kept samples' original bytes and every input
+   sample's record, kept or rejected, with all its scores; each shard reads only its own decisions.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from filtering.buckets import assign_bucket, make_buckets
-from filtering.dedup import find_duplicates, phash
-from filtering.identity import SAME_IDENTITY_SIMILARITY, HeldOutIdentities, cluster_identities
-from infu.config import FilterConfig, FilterThresholds, InfuConfig
+from filtering.config import FilterConfig, FilterThresholds
+from filtering.dedup import phash
+from filtering.global_phase import compute_global_decisions
+from filtering.identity import SAME_IDENTITY_SIMILARITY, HeldOutIdentities
+from infu.config import InfuConfig
 from infu.face import Face, FaceAnalyzer, FaceConfig, load_face_analyzer
 from infu.images import BadImageError, decode_image, extension_for_mime
+from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, summarize
 from infu.quality.config import QualityConfig
 from infu.records import RejectReason, Status, reject, table_to_records
-from infu.runner import ShardTask, Stage, StageOutput, run_shards
-from infu.shards import TarReader, committed_shards, parquet_paths, read_stats
+from infu.runner import Phase, ShardTask, Stage, StageOutput, run_phase, run_reduce, stage
+from infu.shards import TarReader, committed_shards, read_stats
+from infu.steps import StepError
 
 STEP = "filter"
 SCORED = "_scored"
-GLOBAL_DECISIONS = "_global/decisions.parquet"
+GLOBAL = "_global"
 IMAGE_EXTENSIONS = ("*.jpg", "*.jpeg", "*.png", "*.webp")
 
 
@@ -172,8 +174,48 @@ def _held_out_folders(root: Path) -> dict[str, list[Path]]:
     }
 
 
+def read_input_shard(ref: dict[str, Any]) -> list[dict[str, Any]]:
+    """A shard's records (+ the tar holding their bytes), with its global decisions applied when given."""
+    records = table_to_records(pq.read_table(ref["records"]))
+    if "decisions" in ref:
+        decisions = {row["key"]: row for row in pq.read_table(ref["decisions"]).to_pylist()}
+        for record in records:
+            decision = decisions.get(record["key"], {})
+            record["identity_cluster"] = decision.get("identity_cluster")
+            if decision.get("reject_reason") and record["status"] == Status.OK:
+                reject(record, decision["reject_reason"], decision["reject_detail"])
+    return [{"record": record, "tar": ref["tar"]} for record in records]
+
+
+class DecodeStage(Stage):
+    """CPU: the original bytes of each still-kept record, decoded to RGB (a bad image is rejected)."""
+
+    name = "decode"
+    one_to_one = True
+
+    def __init__(self, max_pixels: int):
+        self.max_pixels = max_pixels
+        self.images = InputImages()
+
+    def process(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        decoded = []
+        for item in items:
+            record, rgb = dict(item["record"]), None
+            if record["status"] == Status.OK:
+                try:
+                    rgb = np.asarray(decode_image(self.images.read(item), self.max_pixels))
+                except BadImageError as error:
+                    reject(record, error.reason, error.detail)
+            decoded.append({"record": record, "rgb": rgb})
+        return decoded
+
+
 class ScoreStage(Stage):
-    """Phase 1: per-image scores and decision. Models load once per worker in :meth:`setup`."""
+    """Per-image scores and decision. Models load once per worker in :meth:`setup`."""
+
+    name = "score"
+    uses_gpu = True
+    one_to_one = True
 
     def __init__(self, config: FilterConfig, face: FaceConfig, quality: QualityConfig):
         self.config = config
@@ -185,7 +227,6 @@ class ScoreStage(Stage):
         self.analyzer: FaceAnalyzer | None = None
         self.scorer: Any = None
         self.held_out: HeldOutIdentities | None = None
-        self.images = InputImages()
 
     def setup(self) -> None:
         from infu.quality.scorer import QualityScorer
@@ -197,22 +238,11 @@ class ScoreStage(Stage):
                 self.analyzer, _held_out_folders(self.config.held_out_identities)
             )
 
-    def process_batch(self, items: list[dict[str, Any]]) -> list[StageOutput]:
+    def process(self, items: list[dict[str, Any]]) -> list[StageOutput]:
         assert self.analyzer is not None, "setup() first"
-        records = [dict(item["record"]) for item in items]
-        decoded: list[tuple[int, np.ndarray]] = []
-        for index, (item, record) in enumerate(zip(items, records, strict=True)):
-            if record["status"] != Status.OK:
-                continue
-            try:
-                image = decode_image(self.images.read(item), self.config.max_pixels)
-            except BadImageError as error:
-                reject(record, error.reason, error.detail)
-                continue
-            decoded.append((index, np.asarray(image)))
+        decoded = [(item["record"], item["rgb"]) for item in items if item["rgb"] is not None]
         quality = self.scorer.score([Image.fromarray(rgb) for _, rgb in decoded]) if decoded else {}
-        for position, (index, rgb) in enumerate(decoded):
-            record = records[index]
+        for position, (record, rgb) in enumerate(decoded):
             faces = sorted(self.analyzer.analyze_rgb(rgb), key=lambda face: face.area, reverse=True)
             height, width = rgb.shape[:2]
             bucket_width, bucket_height, aspect_error = assign_bucket(width, height, self.buckets)
@@ -238,85 +268,25 @@ class ScoreStage(Stage):
             decision = decide(scores, self.config.thresholds)
             if decision is not None:
                 reject(record, *decision)
-        return [StageOutput(record) for record in records]
+        return [StageOutput(item["record"]) for item in items]
 
 
-class WriteStage(Stage):
-    """Phase 3: apply the global decisions and write kept samples with their original bytes."""
+class AttachImageStage(Stage):
+    """CPU: the original bytes of each kept record, for the final shards."""
 
-    def __init__(self, decisions_path: str):
-        self.decisions_path = decisions_path
-        self.decisions: dict[str, dict[str, Any]] = {}
+    name = "write"
+    one_to_one = True
+
+    def __init__(self) -> None:
         self.images = InputImages()
 
-    def setup(self) -> None:
-        table = pq.read_table(self.decisions_path)
-        self.decisions = {row["key"]: row for row in table.to_pylist()}
-
-    def process_batch(self, items: list[dict[str, Any]]) -> list[StageOutput]:
-        outputs = []
-        for item in items:
-            record = dict(item["record"])
-            decision = self.decisions.get(record["key"], {})
-            record["identity_cluster"] = decision.get("identity_cluster")
-            if decision.get("reject_reason") and record["status"] == Status.OK:
-                reject(record, decision["reject_reason"], decision["reject_detail"])
-            if record["status"] != Status.OK:
-                outputs.append(StageOutput(record))
-                continue
-            outputs.append(StageOutput(record, self.images.read(item), extension_for_mime(record["mime"])))
-        return outputs
-
-
-def global_decisions(scored_dir: Path, rules: FilterThresholds) -> pa.Table:
-    """Duplicates among kept images (first key wins) and per-dataset identity clusters."""
-    columns = ["key", "dataset", "status", "sha256", "phash", "face_embedding"]
-    table = pa.concat_tables(
-        [pq.read_table(path, columns=columns) for path in parquet_paths(scored_dir)]
-    ).sort_by("key")
-    kept = table.filter(pa.compute.equal(table["status"], Status.OK.value))
-    keys = kept["key"].to_pylist()
-    duplicates = find_duplicates(
-        keys, kept["sha256"].to_pylist(), kept["phash"].to_pylist(), max_distance=rules.max_phash_distance
-    )
-    clusters: dict[str, str] = {}
-    for dataset in sorted(set(kept["dataset"].to_pylist())):
-        part = kept.filter(pa.compute.equal(kept["dataset"], dataset))
-        part = part.filter(pa.compute.invert(pa.compute.is_null(part["face_embedding"])))
-        if part.num_rows:
-            embeddings = np.asarray(part["face_embedding"].to_pylist(), dtype=np.float32)
-            ids = cluster_identities(
-                part["key"].to_pylist(), embeddings, rules.same_identity_similarity, dataset=dataset
-            )
-            clusters.update(zip(part["key"].to_pylist(), ids, strict=True))
-    rows = []
-    for key in sorted(set(duplicates) | set(clusters)):
-        duplicate = duplicates.get(key)
-        rows.append(
-            {
-                "key": key,
-                "reject_reason": RejectReason.DUPLICATE.value if duplicate else None,
-                "reject_detail": duplicate[0] if duplicate else None,
-                "identity_cluster": clusters.get(key),
-            }
-        )
-    schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("reject_reason", pa.string()),
-            ("reject_detail", pa.string()),
-            ("identity_cluster", pa.string()),
+    def process(self, items: list[dict[str, Any]]) -> list[StageOutput]:
+        return [
+            StageOutput(item["record"], self.images.read(item), extension_for_mime(item["record"]["mime"]))
+            if item["record"]["status"] == Status.OK
+            else StageOutput(item["record"])
+            for item in items
         ]
-    )
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def shard_tasks(records_dir: Path, tar_dir: Path) -> Iterator[ShardTask]:
-    """One output shard per input shard, items = the input records (+ where their bytes are); read
-    lazily, one shard's Parquet at a time, as the runner asks for them."""
-    for name in committed_shards(records_dir):
-        records = table_to_records(pq.read_table(records_dir / f"{name}.parquet"))
-        yield ShardTask(name, [{"record": record, "tar": str(tar_dir / f"{name}.tar")} for record in records])
 
 
 def with_identity_threshold(settings: FilterConfig, face: FaceConfig) -> FilterConfig:
@@ -330,41 +300,64 @@ def with_identity_threshold(settings: FilterConfig, face: FaceConfig) -> FilterC
     )
 
 
+def shard_tasks(names: list[str], **folders: Path) -> list[ShardTask]:
+    """One task per shard name: ``{"records": <folder>/<name>.parquet, ...}`` for each named folder."""
+    suffixes = {"records": ".parquet", "tar": ".tar", "decisions": ".parquet"}
+    return [
+        ShardTask(name, {role: str(folder / f"{name}{suffixes[role]}") for role, folder in folders.items()})
+        for name in names
+    ]
+
+
 def run_filter(config: InfuConfig) -> dict[str, Any]:
     """Run the three phases of the filter step of ``config`` and return its manifest."""
     settings = with_identity_threshold(config.step(STEP), config.face)
-    input_dir = settings.input or config.step_dir("ingest")
-    if not committed_shards(input_dir):
-        raise FileNotFoundError(f"no committed shards in {input_dir}: run the ingest step first")
+    input_dir = upstream_inputs(config, STEP)["ingest"]
+    inputs = committed_shards(input_dir)
+    if not inputs:
+        raise StepError(f"no committed shards in {input_dir}: run the ingest step first")
     output = open_step_output(config, STEP, settings, shards=str(input_dir))
     out_dir = output.out_dir
-    stats = {"config_hash": output.config_hash}
-    score_run = run_shards(
-        out_dir / SCORED,
-        shard_tasks(input_dir, input_dir),
-        partial(ScoreStage, settings, config.face, config.quality),
-        settings.resources,
-        label="filter: score",
-        total_shards=len(committed_shards(input_dir)),
-        extra_stats=stats,
-        with_images=False,
+    score = run_phase(
+        Phase(
+            label="filter: score",
+            out_dir=out_dir / SCORED,
+            tasks=shard_tasks(inputs, records=input_dir, tar=input_dir),
+            read_task=read_input_shard,
+            stages=[
+                stage(DecodeStage, max_pixels=settings.max_pixels),
+                stage(ScoreStage, config=settings, face=config.face, quality=config.quality),
+            ],
+            resources=settings.resources,
+            extra_stats=output.shard_stats,
+            with_images=False,
+        )
     )
-    decisions = out_dir / GLOBAL_DECISIONS
-    if not decisions.exists():
-        decisions.parent.mkdir(exist_ok=True)
-        table = global_decisions(out_dir / SCORED, settings.thresholds)
-        pq.write_table(table, decisions.with_suffix(".tmp"))
-        os.replace(decisions.with_suffix(".tmp"), decisions)
-    write_run = run_shards(
-        out_dir,
-        shard_tasks(out_dir / SCORED, input_dir),
-        partial(WriteStage, str(decisions)),
-        settings.resources.model_copy(update={"num_gpus": 0.0}),
-        label="filter: write",
-        total_shards=len(committed_shards(input_dir)),
-        extra_stats=stats,
-    )
+    run: dict[str, Any] = {"score": score.as_dict()}
+    failed = score.failed
+    if not failed:
+        run["global"] = run_reduce(
+            out_dir / GLOBAL,
+            output.identity,
+            lambda folder: compute_global_decisions(out_dir / SCORED, folder, settings.thresholds),
+        )
+        write = run_phase(
+            Phase(
+                label="filter: write",
+                out_dir=out_dir,
+                tasks=shard_tasks(
+                    inputs, records=out_dir / SCORED, decisions=out_dir / GLOBAL / "decisions", tar=input_dir
+                ),
+                read_task=read_input_shard,
+                stages=[stage(AttachImageStage)],
+                resources=settings.resources,
+                extra_stats=output.shard_stats,
+            )
+        )
+        run["write"] = write.as_dict()
+        failed = write.failed
     return output.complete(
+        failed_shards=failed,
         inputs={"shards": str(input_dir), "samples": summarize(read_stats(input_dir))["samples"]},
-        run={"score": score_run, "write": write_run},
+        run=run,
     )

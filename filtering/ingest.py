@@ -2,28 +2,38 @@
 
 Every input file becomes a record: readable images are kept with their size and mime; unreadable
 files, non-images, corrupt or truncated images, decompression bombs and tiny images are rejected
-with a reason. A rerun skips the shards already committed.
+with a reason. The source is listed once per output identity into ``_listing/`` (one Parquet of item
+descriptors per shard), so a rerun cuts exactly the same shards and skips the committed ones.
 """
 
 from __future__ import annotations
 
 import hashlib
-from functools import partial
+import json
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from filtering.config import IngestConfig
 from filtering.sources import Source, open_source
-from infu.config import InfuConfig, IngestConfig
+from infu.config import InfuConfig
 from infu.images import BadImageError, probe_image
 from infu.manifest import open_step_output
 from infu.records import RejectReason, new_record, reject
-from infu.runner import ShardTask, Stage, StageOutput, batched, run_shards
+from infu.runner import Phase, ShardTask, Stage, StageOutput, batched, run_phase, run_reduce, stage
 from infu.shards import shard_name
 
 STEP = "ingest"
+LISTING = "_listing"
 
 
 class IngestStage(Stage):
     """Reads each item's bytes from the source and checks that they are a usable image."""
+
+    name = "read"
+    one_to_one = True
 
     def __init__(self, config: IngestConfig):
         self.config = config
@@ -32,7 +42,7 @@ class IngestStage(Stage):
     def setup(self) -> None:
         self.source = open_source(self.config.source)
 
-    def process_batch(self, items: list[dict[str, Any]]) -> list[StageOutput]:
+    def process(self, items: list[dict[str, Any]]) -> list[StageOutput]:
         return [self._process(item) for item in items]
 
     def _process(self, item: dict[str, Any]) -> StageOutput:
@@ -59,22 +69,46 @@ class IngestStage(Stage):
         return StageOutput(record, data, info.extension)
 
 
+def write_listing(source: Source, shard_size: int, folder: Path) -> dict[str, Any]:
+    """List the source into ``folder``: ``NNNNNN.parquet`` per shard, one JSON item descriptor a row."""
+    shards = 0
+    for index, items in enumerate(batched(source.iter_items(), shard_size)):
+        table = pa.table({"item": [json.dumps(item) for item in items]})
+        pq.write_table(table, folder / f"{shard_name(index)}.parquet")
+        shards += 1
+    return {"shards": shards, "inputs": source.describe()}
+
+
+def read_listed_items(ref: dict[str, Any]) -> list[dict[str, Any]]:
+    """A listing shard's item descriptors (runs on the workers)."""
+    return [json.loads(item) for item in pq.read_table(ref["listing"])["item"].to_pylist()]
+
+
 def run_ingest(config: InfuConfig) -> dict[str, Any]:
     """Run the ingest step of ``config`` and return its manifest."""
-    ingest = config.step(STEP)
-    assert isinstance(ingest, IngestConfig)
-    output = open_step_output(config, STEP, ingest)
+    ingest: IngestConfig = config.step(STEP)
     source = open_source(ingest.source)
-    tasks = (
-        ShardTask(shard_name(index), items)
-        for index, items in enumerate(batched(source.iter_items(), ingest.shard_size))
+    output = open_step_output(config, STEP, ingest)
+    listing = run_reduce(
+        output.out_dir / LISTING,
+        output.identity,
+        lambda folder: write_listing(source, ingest.shard_size, folder),
     )
-    run = run_shards(
-        output.out_dir,
-        tasks,
-        partial(IngestStage, ingest),
-        ingest.resources,
-        label=STEP,
-        extra_stats={"config_hash": output.config_hash},
+    tasks = [
+        ShardTask(
+            shard_name(index), {"listing": str(output.out_dir / LISTING / f"{shard_name(index)}.parquet")}
+        )
+        for index in range(listing["shards"])
+    ]
+    result = run_phase(
+        Phase(
+            label=STEP,
+            out_dir=output.out_dir,
+            tasks=tasks,
+            read_task=read_listed_items,
+            stages=[stage(IngestStage, config=ingest)],
+            resources=ingest.resources,
+            extra_stats=output.shard_stats,
+        )
     )
-    return output.complete(inputs=source.describe(), run=run)
+    return output.complete(failed_shards=result.failed, inputs=listing["inputs"], run=result.as_dict())

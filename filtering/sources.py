@@ -16,13 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from infu.config import SourceConfig
+from filtering.config import SourceConfig
 from infu.sample_corpus import ensure_sample_corpus
+from infu.steps import StepError
 
 CAPTION_EXTENSIONS = ("txt", "caption")
 
 
-class SourceError(ValueError):
+class SourceError(StepError, ValueError):
     """A source that cannot be read as configured."""
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from infu.config import load_config_or_exit
+from infu.config import ConfigError, load_config_or_exit
 from infu.model.cli import generate_command
+from infu.steps import StepError, configured_steps, registry
+
+# The temporary Prefect server `infu run` starts would report telemetry (and log an ERROR offline).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     help="InfU data engine and training orchestration.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -30,15 +35,23 @@ def sample_corpus(out: Annotated[Path, typer.Argument(help="folder to write the 
     typer.echo(f"wrote {len(labels)} files, labels.jsonl and captions.jsonl to {out}")
 
 
-@app.command()
-def ingest(config: ConfigOption = Path("configs/embedded.yaml"), set_: SetOption = None) -> None:
-    """Run the ingest step as a Ray job (local Ray, or run.ray_address) without Prefect."""
-    from flows.steps import ray_cluster, run_step
+def _add_step_command(name: str, help_text: str) -> None:
+    def run_one(config: ConfigOption = Path("configs/embedded.yaml"), set_: SetOption = None) -> None:
+        from flows.steps import ray_cluster, run_step
 
-    run_config = load_config_or_exit(config, set_)
-    with ray_cluster(run_config) as (address, local):
-        out_dir = run_step(run_config, "ingest", address, local)
-    typer.echo(f"ingest shards: {out_dir}")
+        run_config = load_config_or_exit(config, set_)
+        with ray_cluster(run_config) as (address, local):
+            run_step(run_config, name, address, local)
+        typer.echo(f"{name} output: {run_config.step_dir(name)}")
+
+    run_one.__doc__ = (
+        f"Run the {name} step as a Ray job (local Ray, or run.ray_address), without Prefect. {help_text}"
+    )
+    app.command(name)(run_one)
+
+
+for _spec in registry().values():
+    _add_step_command(_spec.name, _spec.help)
 
 
 @app.command()
@@ -47,8 +60,14 @@ def run(
     set_: SetOption = None,
     step: Annotated[list[str] | None, typer.Option(help="run only these steps")] = None,
 ) -> None:
-    """Run the full-pipeline Prefect flow: every configured step as a Ray job."""
-    load_config_or_exit(config, set_)
+    """Run the full-pipeline Prefect flow: every configured step as a Ray job (finished ones are skipped)."""
+    run_config = load_config_or_exit(config, set_)
+    try:
+        for name in step or []:
+            run_config.step(name)
+    except (StepError, ConfigError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(2) from None
     from flows.full_pipeline import full_pipeline
 
     results = full_pipeline(config=str(config), overrides=set_ or [], steps=step or None)
@@ -62,13 +81,11 @@ app.command("generate")(generate_command)
 
 @config_app.command("validate")
 def validate(config: Annotated[Path, typer.Argument(help="run config YAML")], set_: SetOption = None) -> None:
-    """Check a run config; print its steps and their config hashes."""
-    from flows.steps import configured_steps
-
+    """Check a run config; print its steps and their identities (what their outputs are made from)."""
     run_config = load_config_or_exit(config, set_)
     typer.echo(f"{config}: valid ({run_config.run.profile} profile, run dir {run_config.run.run_dir})")
     for name in configured_steps(run_config):
-        typer.echo(f"  {name}: config hash {run_config.step_hash(name)[:12]}")
+        typer.echo(f"  {name}: identity {run_config.step_hash(name)[:12]}")
 
 
 if __name__ == "__main__":

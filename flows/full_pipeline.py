@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.steps import configured_steps, ray_cluster, run_step
+from flows.steps import ray_cluster, run_step
 from infu.config import load_config
+from infu.lineage import completed_manifest
 from infu.manifest import read_manifest
+from infu.steps import configured_steps
 
 
 @task(name="step", task_run_name="{step}")
 def step_task(step: str, config: str, overrides: list[str], address: str, local: bool) -> dict[str, Any]:
-    """Run one step's Ray job and return its output folder and counts."""
+    """Run one step's Ray job (unless its output is complete) and return its output folder and counts."""
     logger = get_run_logger()
     run_config = load_config(config, overrides)
-    out_dir = run_step(run_config, step, address, local, log=logger.info)
+    ran = run_step(run_config, step, address, local, log=logger.info)
+    out_dir = run_config.step_dir(step)
     manifest = read_manifest(out_dir) or {}
-    return {"output": str(out_dir), "counts": manifest.get("counts")}
+    return {"output": str(out_dir), "counts": manifest.get("counts"), "skipped": not ran}
 
 
 @flow(name="full-pipeline", log_prints=True)
@@ -30,11 +34,14 @@ def full_pipeline(
     run_config = load_config(config, overrides)
     selected = steps or configured_steps(run_config)
     results: dict[str, dict[str, Any]] = {}
-    with ray_cluster(run_config) as (address, local):
-        print(f"running {', '.join(selected)} on Ray at {address}")
+    pending = [step for step in selected if completed_manifest(run_config, step) is None]
+    cluster = ray_cluster(run_config) if pending else nullcontext(("", False))
+    with cluster as (address, local):
+        print(f"steps {', '.join(selected)}; to run on Ray at {address}: {', '.join(pending) or 'none'}")
         for step in selected:
             results[step] = step_task(step, config, overrides, address, local)
-            print(f"{step}: {results[step]['output']} {results[step]['counts']}")
+            state = "complete already, skipped" if results[step]["skipped"] else "done"
+            print(f"{step}: {state}: {results[step]['output']} {results[step]['counts']}")
     return results
 
 

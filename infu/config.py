@@ -1,20 +1,19 @@
 """Typed run configuration, loaded from YAML.
 
-One file describes a whole run: the run-level settings (where outputs go, which Ray cluster) and one
-section per step. Unknown keys are rejected and every error names the offending key and value. The
-hash of a step's section (execution resources excluded) identifies that step's output.
+One file describes a whole run: the run-level settings (where outputs go, which Ray cluster), the shared
+sections (face, model, quality) and one section per registered step, whose model lives in the step's
+package. Unknown keys are rejected and every error names the offending key and value.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from infu.face.config import FaceConfig
 from infu.model.config import ModelConfig
@@ -26,20 +25,38 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key and value at fault."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A strict, immutable config section: unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Resources(_Section):
-    """How a step runs on Ray; never part of a step's config hash."""
+class StageResources(Section):
+    """Overrides for one stage of a step (unset fields follow the step's resources)."""
 
-    concurrency: int = Field(2, ge=1, description="parallel workers (Ray actors) for the step")
+    concurrency: int | None = Field(None, ge=1)
+    num_cpus: float | None = Field(None, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+
+
+class Resources(Section):
+    """How a step runs on Ray; never part of a step's identity.
+
+    ``concurrency``, ``num_cpus`` and ``num_gpus`` apply to each stage of the step (CPU-only stages such
+    as decoding never reserve GPUs); ``stages.<name>`` overrides them for one stage.
+    """
+
+    concurrency: int = Field(2, ge=1, description="parallel workers (Ray actors) per stage")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per worker")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per worker")
-    batch_size: int = Field(32, ge=1, description="samples handed to a worker's process_batch at once")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per worker of the model stages")
+    batch_size: int = Field(32, ge=1, description="samples handed to a stage at once (one chunk)")
+    retries: int = Field(
+        2, ge=0, description="retries of a failing chunk before its shard is recorded failed"
+    )
+    stages: dict[str, StageResources] = Field(default_factory=dict, description="per-stage overrides")
 
 
-class RunSettings(_Section):
+class RunSettings(Section):
     """Run-level settings: where outputs go and which cluster runs the jobs."""
 
     name: str = Field("embedded", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -56,159 +73,52 @@ class RunSettings(_Section):
     )
 
 
-class SourceConfig(_Section):
-    """Where raw images come from."""
+class InfuConfig(Section):
+    """A whole run: the shared sections here, one section per registered step (see :mod:`infu.steps`).
 
-    kind: Literal[
-        "folder",
-        "webdataset",
-        "sample_corpus",
-        "vggface2",
-        "millioncelebs",
-        "celeba",
-        "celebv_hq",
-        "celebv_text",
-        "vfhq",
-        "ffhq",
-        "easyportrait",
-        "cosmicman_hq",
-    ] = Field(..., description="source layout; dataset layouts are documented in docs/datasets.md")
-    path: ResolvedPath
-    dataset: str = Field(
-        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="dataset name recorded per sample"
-    )
-    captions: ResolvedPath | None = Field(
-        None, description='folder sources: a JSONL file of {"path", "caption"} (the `original` caption)'
-    )
-    extensions: list[str] = Field(
-        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"],
-        description="file endings read as images; other files are counted in the manifest as ignored",
-    )
-
-
-class IngestConfig(_Section):
-    """Source -> raw shards (the first half of the SPSS data path)."""
-
-    source: SourceConfig
-    shard_size: int = Field(1000, ge=1, le=100_000, description="samples per output shard")
-    min_side: int = Field(64, ge=1, description="images whose shorter side is below this are rejected")
-    max_pixels: int = Field(64 * 1024 * 1024, gt=0, description="decompression-bomb guard")
-    resources: Resources = Resources()
-
-
-class FilterThresholds(_Section):
-    """Decision rules of the SPSS filter. Every score is stored, so these can change without recomputing."""
-
-    min_side: int = Field(256, ge=1, description="image shorter side below this -> too_small")
-    second_face_ratio: float = Field(
-        0.2, gt=0, le=1, description="a second face with at least this fraction of the largest's area"
-    )
-    min_face_px: int = Field(64, ge=1, description="largest face's shorter bbox side below this")
-    min_face_area_ratio: float = Field(0.01, ge=0, le=1, description="face bbox area / image area")
-    min_detection_score: float | None = Field(None, description="detector score (backend-specific scale)")
-    max_abs_yaw: float = Field(60.0, gt=0)
-    max_abs_pitch: float = Field(45.0, gt=0)
-    min_face_sharpness: float = Field(20.0, ge=0, description="Laplacian variance of the face crop")
-    max_watermark: float = Field(0.5, ge=0, le=1)
-    max_nsfw: float = Field(0.5, ge=0, le=1)
-    min_aesthetic: float | None = Field(None, description="LAION aesthetic score (1..10); null = off")
-    max_aspect_error: float = Field(0.25, gt=0, description="|log(image ratio / bucket ratio)|")
-    max_phash_distance: int = Field(4, ge=0, le=16, description="near duplicates: pHash Hamming distance")
-    same_identity_similarity: float | None = Field(
-        None,
-        gt=-1,
-        lt=1,
-        description="face-embedding cosine at or above which two faces are one person (held-out identities, "
-        "identity clusters); null = the face backend's default (dlib 0.92, ArcFace 0.4)",
-    )
-
-
-class BucketConfig(_Section):
-    """NovelAI-style aspect-ratio buckets."""
-
-    resolution: int = Field(1024, ge=64)
-    min_side: int = Field(256, ge=64)
-    max_side: int = Field(2048, ge=64)
-    step: int = Field(64, ge=8)
-
-
-class FilterConfig(_Section):
-    """Raw shards -> SPSS training shards (kept samples) + a decision for every input sample."""
-
-    input: ResolvedPath | None = Field(None, description="raw shards folder; null = this run's ingest output")
-    held_out_identities: ResolvedPath | None = Field(
-        None, description="folder of <identity name>/<photos>: these people are removed from the data"
-    )
-    thresholds: FilterThresholds = FilterThresholds()
-    buckets: BucketConfig = BucketConfig()
-    max_pixels: int = Field(64 * 1024 * 1024, gt=0)
-    resources: Resources = Resources()
-
-
-class AdamWConfig(_Section):
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.01, ge=0)
-    eps: float = Field(1e-8, gt=0)
-
-
-class TimestepSampling(_Section):
-    """Conditional flow matching timesteps: t = sigmoid(N(mean, std))."""
-
-    kind: Literal["logit_normal", "uniform"] = "logit_normal"
-    mean: float = 0.0
-    std: float = Field(1.0, gt=0)
-
-
-class TrainStage(_Section):
-    learning_rate: float = Field(..., gt=0)
-    batch_size: int = Field(..., ge=1, description="global batch size")
-    max_steps: int = Field(..., ge=1)
-
-
-class TrainingConfig(_Section):
-    """InfuseNet + projection training: stage 1 pretraining on SPSS, stage 2 SFT on SPMS."""
-
-    stage1: TrainStage
-    stage2: TrainStage
-    optimizer: AdamWConfig = AdamWConfig()
-    timesteps: TimestepSampling = TimestepSampling()
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    resources: Resources = Resources()
-
-
-STEP_DEPENDENCIES = {"filter": ("face", "quality"), "training": ("face", "model")}
-"""Shared sections whose settings change a step's output (and so its config hash)."""
-
-
-class InfuConfig(_Section):
-    """A whole run."""
+    Load it with :func:`load_config` or :func:`config_from_dict`, which validate against the model built
+    from the step registry (this base class alone knows no step sections).
+    """
 
     run: RunSettings = RunSettings()
     face: FaceConfig = FaceConfig()
     model: ModelConfig = ModelConfig()
     quality: QualityConfig = QualityConfig()
-    ingest: IngestConfig | None = None
-    filter: FilterConfig | None = None
-    training: TrainingConfig | None = None
 
-    def step(self, name: str) -> BaseModel:
-        """The section of step ``name``; a clear error when the file has none."""
-        section = getattr(self, name, None)
+    def step(self, name: str) -> Any:
+        """The config section of step ``name``; a clear error when the file has none."""
+        from infu.steps import get_step
+
+        section_name = get_step(name).section
+        section = getattr(self, section_name, None)
         if not isinstance(section, BaseModel):
-            raise ConfigError(f"this config has no `{name}:` section, which the {name} step needs")
+            raise ConfigError(f"this config has no `{section_name}:` section, which the {name} step needs")
         return section
 
+    def has_step(self, name: str) -> bool:
+        from infu.steps import get_step
+
+        return isinstance(getattr(self, get_step(name).section, None), BaseModel)
+
     def step_hash(self, name: str) -> str:
-        """Hash of what determines a step's output: its section (minus resources) and its dependencies."""
-        section = self.step(name).model_dump(mode="json", exclude={"resources"})
-        payload = {"step": name, "section": section}
-        for shared in STEP_DEPENDENCIES.get(name, ()):
-            payload[shared] = getattr(self, shared).model_dump(mode="json")
-        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """The step's identity: what determines its output (see :func:`infu.lineage.step_identity`)."""
+        from infu.lineage import step_identity
+
+        return step_identity(self, name)
 
     def step_dir(self, name: str) -> Path:
         return self.run.run_dir / name
+
+
+@functools.cache
+def config_model() -> type[InfuConfig]:
+    """:class:`InfuConfig` with one optional field per registered step section."""
+    from infu.steps import registry
+
+    fields: dict[str, Any] = {}
+    for spec in registry().values():
+        fields[spec.section] = (spec.section_model | None, None)
+    return create_model("InfuConfig", __base__=InfuConfig, **fields)
 
 
 def _describe(errors: list[dict[str, Any]]) -> str:
@@ -245,8 +155,17 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> InfuConfig:
+    model = config_model()
+    unknown = sorted(set(data) - set(model.model_fields))
+    if unknown:
+        raise ConfigError(
+            f"invalid config {origin}:\n"
+            + "\n".join(
+                f"  {key}: unknown section (known: {', '.join(model.model_fields)})" for key in unknown
+            )
+        )
     try:
-        return InfuConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise ConfigError(f"invalid config {origin}:\n{_describe(error.errors())}") from None
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import platform
+import shutil
 import subprocess
 import time
 from collections import Counter
@@ -16,13 +17,13 @@ from pydantic import BaseModel
 
 import infu
 from infu.config import InfuConfig, dump_config
-from infu.shards import read_stats
+from infu.paths import write_atomic
+from infu.shards import STATS_SUFFIX, read_stats
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
-
-
-class OutputMismatchError(RuntimeError):
-    """A step output folder was made with a different config than the one asked to resume into it."""
+SUPERSEDED_DIR = "_superseded"
 
 
 def code_version() -> dict[str, str | None]:
@@ -50,15 +51,31 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_resumable(out_dir: Path, step: str, config_hash: str) -> None:
-    """Refuse to mix shards of different configs in one folder."""
+def _identities_in(out_dir: Path) -> set[str | None]:
+    """Identities the folder's manifest and committed shards (any phase) were made with."""
     manifest = read_manifest(out_dir)
-    if manifest and manifest.get("config_hash") != config_hash:
-        raise OutputMismatchError(
-            f"{out_dir} holds {step} output made with config hash {manifest.get('config_hash', '?')[:12]}, "
-            f"but this run's config hashes to {config_hash[:12]}: "
-            "use another run.run_dir, or delete the folder"
-        )
+    found = {manifest.get("identity")} if manifest else set()
+    for stats_file in out_dir.rglob(f"*{STATS_SUFFIX}"):
+        found.add(json.loads(stats_file.read_text()).get("identity"))
+    return found
+
+
+def supersede_other_output(out_dir: Path, identity: str) -> Path | None:
+    """Move a folder holding output of another identity aside, to ``<run_dir>/_superseded/``; returns
+    where it went. None when the folder is absent or already this identity's; a folder without any
+    committed shard (a run that failed early) is removed instead."""
+    identities = _identities_in(out_dir) if out_dir.is_dir() else {identity}
+    if identities <= {identity}:
+        return None
+    if not any(out_dir.rglob(f"*{STATS_SUFFIX}")):
+        shutil.rmtree(out_dir)  # a run that committed nothing: only its manifest and scratch files
+        return None
+    old = next((found for found in identities if found and found != identity), None) or "unknown"
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = out_dir.parent / SUPERSEDED_DIR / f"{out_dir.name}-{old[:12]}-{stamp}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.rename(target)
+    return target
 
 
 def summarize(shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -78,10 +95,7 @@ def summarize(shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
 def write_manifest(out_dir: Path, **fields: Any) -> dict[str, Any]:
     """Atomically (re)write the manifest; ``fields`` hold step, inputs, config, counts, timings..."""
     manifest = {"written_at": time.time(), "code": code_version(), **fields}
-    path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(Path(out_dir) / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str).encode())
     return manifest
 
 
@@ -90,15 +104,22 @@ class StepOutput:
     """A step's output folder for this run, opened by :func:`open_step_output`."""
 
     out_dir: Path
-    config_hash: str
+    identity: str
     common: dict[str, Any]
     started: float
 
-    def complete(self, **fields: Any) -> dict[str, Any]:
-        """Mark the output complete: counts of its committed shards, timings and ``fields``."""
+    @property
+    def shard_stats(self) -> dict[str, str]:
+        """Extra stats every shard of this output carries: the identity it was made with."""
+        return {"identity": self.identity}
+
+    def complete(self, failed_shards: dict[str, str] | None = None, **fields: Any) -> dict[str, Any]:
+        """Write the final manifest: ``complete``, or ``failed`` naming the shards that failed (a rerun
+        redoes them), with counts of the committed shards, timings and ``fields``."""
         return write_manifest(
             self.out_dir,
-            status="complete",
+            status="failed" if failed_shards else "complete",
+            failed_shards=dict(sorted((failed_shards or {}).items())),
             counts=summarize(read_stats(self.out_dir)),
             timings={"started": self.started, "seconds": round(time.time() - self.started, 3)},
             **fields,
@@ -107,13 +128,19 @@ class StepOutput:
 
 
 def open_step_output(config: InfuConfig, step: str, section: BaseModel, **inputs: Any) -> StepOutput:
-    """Create or resume ``step``'s output folder: refuse another config's shards, record the run as
-    running with its effective config (``_config.yaml``) and ``inputs``."""
+    """Create or resume ``step``'s output folder for this config's identity.
+
+    Output of another identity (a changed setting upstream or here) is moved aside to
+    ``<run_dir>/_superseded/`` first, so nothing is lost and nothing stale is reused. The run is recorded
+    as running, with its effective config (``_config.yaml``) and ``inputs``.
+    """
     out_dir = config.step_dir(step)
-    config_hash = config.step_hash(step)
-    check_resumable(out_dir, step, config_hash)
+    identity = config.step_hash(step)
+    moved = supersede_other_output(out_dir, identity)
+    if moved is not None:
+        log.warning("%s held %s output of another identity; moved it to %s", out_dir, step, moved)
     out_dir.mkdir(parents=True, exist_ok=True)
-    common = {"step": step, "config_hash": config_hash, "config": section.model_dump(mode="json")}
+    common = {"step": step, "identity": identity, "config": section.model_dump(mode="json")}
     write_manifest(out_dir, status="running", inputs=inputs, **common)
-    (out_dir / "_config.yaml").write_text(dump_config(config))
-    return StepOutput(out_dir, config_hash, common, time.time())
+    write_atomic(out_dir / "_config.yaml", dump_config(config).encode())
+    return StepOutput(out_dir, identity, common, time.time())

@@ -2,17 +2,19 @@
 
 Embedded mode starts a local Ray (with its dashboard, which serves the job API) in the calling
 process; with a cluster address, jobs go through Ray's ``JobSubmissionClient``. Either way a step
-runs as ``python -m <step> ...`` submitted as a job, with an idempotent submission id: a job that
-already succeeded is not run again, one still running is followed, a failed one is retried.
+runs as ``python -m <package> <step> ...`` submitted as a job whose logs are streamed back; an attempt
+still running is followed rather than started again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +92,36 @@ def _client(address: str, attempts: int = 30):  # noqa: ANN202 - JobSubmissionCl
     raise AssertionError("unreachable")
 
 
+def _follow_logs(client, submission_id: str, log: Callable[[str], None], timeout_s: float) -> None:  # noqa: ANN001
+    """Stream the job's log lines to ``log`` until it ends (Ray's log tail: constant work per new line).
+
+    Raises ``TimeoutError`` after ``timeout_s``; a broken log stream is reported and the job is then
+    followed by its status alone.
+    """
+
+    async def tail() -> None:
+        pending = ""
+        try:
+            async for chunk in client.tail_job_logs(submission_id):
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    log(line)
+        finally:
+            if pending:
+                log(pending)
+
+    async def follow() -> None:
+        try:
+            await asyncio.wait_for(tail(), timeout_s)
+        except RuntimeError as error:
+            log(f"(the log stream of job {submission_id} broke: {error}; following its status)")
+
+    # A thread of its own: the caller may already run an event loop (Prefect tasks can).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, follow()).result()
+
+
 def run_job(
     address: str,
     entrypoint: str,
@@ -100,10 +132,11 @@ def run_job(
     log: Callable[[str], None] = print,
     poll_s: float = 1.0,
 ) -> str:
-    """Submit (or re-attach to) the job and follow it to the end, streaming its logs.
+    """Submit the job, or re-attach to an attempt still running, and follow it to the end with its logs.
 
-    ``submission_prefix`` identifies the work (step + config hash): the submission id is
-    ``<prefix>-<attempt>``. Returns the id of the job that succeeded; raises :class:`JobFailedError`.
+    The submission id is ``<submission_prefix>-<attempt>``. Whether the work needs doing at all is the
+    caller's question (a step's output manifest answers it); this always runs it once more, unless an
+    attempt is still running. Returns the id of the job that succeeded; raises :class:`JobFailedError`.
     """
     from ray.job_submission import JobStatus
 
@@ -113,9 +146,6 @@ def run_job(
         key=lambda job: job.start_time or 0,
     )
     latest = attempts[-1] if attempts else None
-    if latest and latest.status == JobStatus.SUCCEEDED:
-        log(f"job {latest.submission_id} already succeeded; not running it again")
-        return latest.submission_id
     if latest and not latest.status.is_terminal():
         submission_id = latest.submission_id
         log(f"following job {submission_id}, already {latest.status}")
@@ -124,19 +154,17 @@ def run_job(
         client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env or {})
         log(f"submitted job {submission_id}: {entrypoint}")
     deadline = time.monotonic() + timeout_s
-    printed = 0
-    while True:
-        status = client.get_job_status(submission_id)
-        logs = client.get_job_logs(submission_id)
-        for line in logs[printed:].splitlines():
-            log(line)
-        printed = len(logs)
-        if status.is_terminal():
-            break
-        if time.monotonic() > deadline:
-            client.stop_job(submission_id)
-            raise JobFailedError(f"job {submission_id} did not finish within {timeout_s:.0f} s; stopped it")
-        time.sleep(poll_s)
+    try:
+        _follow_logs(client, submission_id, log, timeout_s)
+        while not (status := client.get_job_status(submission_id)).is_terminal():
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            time.sleep(poll_s)
+    except TimeoutError:
+        client.stop_job(submission_id)
+        raise JobFailedError(
+            f"job {submission_id} did not finish within {timeout_s:.0f} s; stopped it"
+        ) from None
     if status != JobStatus.SUCCEEDED:
         message = client.get_job_info(submission_id).message
         raise JobFailedError(f"job {submission_id} ended {status}: {message}")

@@ -1,39 +1,63 @@
-"""Shard-parallel step runner on Ray Data.
+"""Streaming shard-parallel phases on Ray Data, and reduce phases with the same commit rules.
 
-A step is a :class:`Stage` (``setup()`` once per worker, ``process_batch()`` per batch of samples,
-in the spirit of NeMo Curator stages) plus an iterable of :class:`ShardTask` (what goes into each
-output shard). The runner skips shards already committed, hands the rest to a pool of Ray actors
-(each commits whole shards atomically through :class:`~infu.shards.ShardWriter`) and reports
-progress with live kept/rejected counts. Resuming a killed run redoes only the missing shards.
+A **map phase** turns a list of :class:`ShardTask` (a task is a small reference to its input, as in
+img2dataset and NeMo Curator) into output shards with one Ray Data pipeline:
+
+1. the driver hands Ray the pending task references (committed shards are skipped);
+2. ``read_task`` (Ray tasks) turns each reference into its items, cut into chunks of
+   ``resources.batch_size``;
+3. each :class:`Stage` is its own operator: an actor pool with its own declared resources, so a GPU
+   model stage never waits on a CPU decoding stage. ``setup()`` runs once per worker for the whole
+   phase, ``process()`` may emit zero, one or many outputs per item (``one_to_one`` opts into a check),
+   ``teardown()`` runs when the pool shuts down;
+4. the last stage writes each chunk's outputs as a part file; when every chunk of a shard has arrived,
+   a committer actor (one per 8 workers of a stage) merges the parts into the shard and commits it
+   atomically (:class:`~infu.shards.ShardWriter`).
+
+A chunk whose stage keeps failing (``resources.retries`` retries) marks its shard failed with the error:
+the other shards finish, and :func:`run_phase` reports the failed ones for the manifest. A killed run,
+rerun, redoes exactly the shards that were not committed.
+
+A **reduce phase** (:func:`run_reduce`) builds a folder from the committed shards of earlier phases
+(global decisions, aggregates) in a temporary folder renamed into place, marked with its identity.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
+import pickle
+import shutil
 import time
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from infu.config import Resources
+from infu.paths import write_atomic
 from infu.raycluster import ensure_ray
 from infu.shards import TMP_DIR, ShardWriter, clean_uncommitted, committed_shards
 
 log = logging.getLogger(__name__)
 
+REDUCE_MARKER = "_complete.json"
+READERS = 2
+"""Concurrent ``read_task`` calls of a phase: reading a task's item list is light, and every reader is a
+worker process of its own."""
+
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One output shard: its name and the small descriptors of its input samples."""
+    """One output shard: its name and a small JSON-able reference to its input."""
 
     name: str
-    items: list[dict[str, Any]]
+    ref: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -46,59 +70,174 @@ class StageOutput:
 
 
 class Stage(ABC):
-    """Per-worker work of a step. Heavy state (models) is created in :meth:`setup`, once per worker."""
+    """One operator of a phase. Heavy state (models) is created in :meth:`setup`, once per worker."""
+
+    name: ClassVar[str] = "stage"
+    uses_gpu: ClassVar[bool] = False
+    """Model stages reserve the step's ``num_gpus``; other stages never reserve GPUs."""
+    one_to_one: ClassVar[bool] = False
+    """Check that :meth:`process` returns exactly one output per item."""
 
     def setup(self) -> None:  # noqa: B027 - optional hook
-        """Load models or open sources; called once in each worker before any batch."""
+        """Load models or open sources; called once in each worker before any chunk."""
 
     @abstractmethod
-    def process_batch(self, items: list[dict[str, Any]]) -> list[StageOutput]:
-        """Turn input descriptors into one output per item (bad input -> a rejected record)."""
+    def process(self, items: list[Any]) -> list[Any]:
+        """Outputs for a chunk of items: any number per item (bad input -> a rejected record)."""
+
+    def teardown(self) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`setup` acquired; called when the worker's pool shuts down."""
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """A stage class and its constructor arguments: what each worker builds its stage from."""
+
+    cls: type[Stage]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Stage:
+        return self.cls(**self.kwargs)
+
+
+def stage(cls: type[Stage], **kwargs: Any) -> StageRef:
+    return StageRef(cls, kwargs)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A map phase: tasks -> items -> stages -> committed shards in ``out_dir``."""
+
+    label: str
+    out_dir: Path
+    tasks: Iterable[ShardTask]
+    read_task: Callable[[dict[str, Any]], list[Any]]
+    """Runs on a worker: a task's ``ref`` -> its input items (picklable, e.g. a module function)."""
+    stages: Sequence[StageRef]
+    resources: Resources
+    extra_stats: dict[str, Any] = field(default_factory=dict)
+    with_images: bool = True
+
+
+@dataclass
+class PhaseResult:
+    """What a map phase did: shards written, skipped (already committed) and failed (with errors)."""
+
+    label: str
+    seconds: float = 0.0
+    written: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    leftovers_removed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 3),
+            "shards_written": self.written,
+            "shards_skipped": self.skipped,
+            "shards_failed": dict(sorted(self.failed.items())),
+            "leftovers_removed": self.leftovers_removed,
+        }
 
 
 def batched(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(iterable)
-    while chunk := list(itertools.islice(iterator, size)):
+    chunk: list[Any] = []
+    for item in iterable:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
         yield chunk
 
 
-class ShardWorker:
-    """A Ray actor: builds its stage once, then writes and commits whole shards."""
+def _parts_dir(out_dir: Path, shard: str) -> Path:
+    return out_dir / TMP_DIR / f"{shard}.parts"
 
-    def __init__(
-        self,
-        make_stage: Callable[[], Stage],
-        out_dir: str,
-        batch_size: int,
-        extra_stats: dict,
-        with_images: bool,
-    ):
-        self.stage = make_stage()
+
+def _chunk_row(shard: str, chunk: int, chunks: int, payload: bytes = b"", error: str = "") -> dict[str, Any]:
+    return {"shard": shard, "chunk": chunk, "chunks": chunks, "payload": payload, "error": error, "kept": 0}
+
+
+def _read_chunks(
+    row: dict[str, Any], read_task: Callable[[dict[str, Any]], list[Any]], chunk_size: int
+) -> list[dict[str, Any]]:
+    """A task reference -> its items in chunks (a read error becomes the shard's one error row)."""
+    shard = row["shard"]
+    try:
+        items = read_task(json.loads(row["ref"]))
+    except Exception as error:  # noqa: BLE001 - recorded as the shard's failure
+        log.exception("reading the input of shard %s failed", shard)
+        return [_chunk_row(shard, 0, 1, error=f"read: {type(error).__name__}: {error}")]
+    chunks = list(batched(items, chunk_size)) or [[]]
+    return [_chunk_row(shard, index, len(chunks), pickle.dumps(chunk)) for index, chunk in enumerate(chunks)]
+
+
+class _StageWorker:
+    """A Ray actor running one stage over chunks; the last stage of a phase writes each chunk as a part."""
+
+    def __init__(self, ref: StageRef, retries: int, parts_root: str | None):
+        self.stage = ref.build()
         self.stage.setup()
-        self.out_dir = Path(out_dir)
-        self.batch_size = batch_size
-        self.extra_stats = extra_stats
-        self.with_images = with_images
+        self.retries = retries
+        self.parts_root = Path(parts_root) if parts_root else None
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        task = ShardTask(name=row["name"], items=json.loads(row["items_json"]))
-        with ShardWriter(self.out_dir, task.name, self.extra_stats, self.with_images) as writer:
-            for items in batched(task.items, self.batch_size):
-                outputs = self.stage.process_batch(items)
-                if len(outputs) != len(items):
-                    raise RuntimeError(
-                        f"{type(self.stage).__name__} returned {len(outputs)} outputs for {len(items)}"
-                    )
-                for output in outputs:
-                    writer.add(output.record, output.image, output.extension)
-            stats = writer.commit()
-        return {"name": task.name, "stats_json": json.dumps(stats)}
+        if row["error"]:
+            return row
+        items = pickle.loads(row["payload"])
+        error = ""
+        for attempt in range(self.retries + 1):
+            try:
+                outputs = self.stage.process(items)
+                if self.stage.one_to_one and len(outputs) != len(items):
+                    raise RuntimeError(f"returned {len(outputs)} outputs for {len(items)} items")
+                break
+            except Exception as exc:  # noqa: BLE001 - retried, then recorded as the shard's failure
+                error = f"{self.stage.name}: {type(exc).__name__}: {exc}"
+                log.warning(
+                    "shard %s chunk %d, attempt %d: %s", row["shard"], row["chunk"], attempt + 1, error
+                )
+        else:
+            return {**row, "payload": b"", "error": error}
+        if self.parts_root is None:
+            return {**row, "payload": pickle.dumps(outputs)}
+        part = _parts_dir(self.parts_root, row["shard"]) / f"{row['chunk']:06d}.pkl"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(part, pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL))
+        return {**row, "payload": b"", "kept": len(outputs)}
+
+    def __del__(self) -> None:
+        self.stage.teardown()
+
+
+def commit_parts(
+    out_dir: Path, shard: str, chunks: int, extra_stats: dict[str, Any], with_images: bool
+) -> dict[str, Any]:
+    """Merge a shard's part files, in chunk order, into one atomically committed shard; returns its stats."""
+    parts = _parts_dir(out_dir, shard)
+    with ShardWriter(out_dir, shard, extra_stats, with_images) as writer:
+        for chunk in range(chunks):
+            with open(parts / f"{chunk:06d}.pkl", "rb") as handle:
+                outputs: list[StageOutput] = pickle.load(handle)
+            for output in outputs:
+                writer.add(output.record, output.image, output.extension)
+        stats = writer.commit()
+    shutil.rmtree(parts, ignore_errors=True)
+    return stats
+
+
+class _Committer:
+    """A Ray actor that commits shards (one long-lived process, not a new worker per shard)."""
+
+    def commit(self, *args: Any) -> dict[str, Any]:
+        return commit_parts(*args)
 
 
 class _Progress:
     """A rich progress bar on a terminal, one log line per shard elsewhere (Ray job logs)."""
 
-    def __init__(self, label: str, total: int | None):
+    def __init__(self, label: str, total: int):
         self.label = label
         self.kept = self.rejected = self.shards = 0
         self.progress = Progress(
@@ -121,7 +260,10 @@ class _Progress:
         if self.live:
             self.progress.stop()
 
-    def update(self, stats: dict[str, Any]) -> None:
+    def advance(self, count: int) -> None:
+        self.progress.update(self.task, advance=count)
+
+    def committed(self, stats: dict[str, Any]) -> None:
         self.shards += 1
         self.kept += stats["ok"]
         self.rejected += stats["rejected"]
@@ -134,67 +276,138 @@ class _Progress:
                 flush=True,
             )
 
+    def failed(self, shard: str, error: str) -> None:
+        self.advance(1)
+        print(f"{self.label}: shard {shard} FAILED: {error}", flush=True)
 
-def run_shards(
-    out_dir: Path,
-    tasks: Iterable[ShardTask],
-    make_stage: Callable[[], Stage],
-    resources: Resources,
-    *,
-    label: str,
-    total_shards: int | None = None,
-    extra_stats: dict[str, Any] | None = None,
-    with_images: bool = True,
-    window: int = 256,
-) -> dict[str, Any]:
-    """Produce every missing shard of ``tasks`` in ``out_dir``; returns run timings and counts.
 
-    Tasks are consumed lazily, ``window`` shards at a time, so the driver never holds a whole
-    dataset's listing.
-    """
+def _stage_resources(ref: StageRef, resources: Resources) -> dict[str, Any]:
+    override = resources.stages.get(ref.cls.name)
+    concurrency = override.concurrency if override and override.concurrency else resources.concurrency
+    num_cpus = override.num_cpus if override and override.num_cpus else resources.num_cpus
+    num_gpus = resources.num_gpus if ref.cls.uses_gpu else 0.0
+    if override and override.num_gpus is not None:
+        num_gpus = override.num_gpus
     import ray.data
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    removed = clean_uncommitted(out_dir)
-    if removed:
-        log.warning("removed %d leftovers of an interrupted run in %s", len(removed), out_dir)
-    done = set(committed_shards(out_dir))
-    ensure_ray()
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    pool = ray.data.ActorPoolStrategy(size=concurrency)
+    return {"compute": pool, "num_cpus": num_cpus, "num_gpus": num_gpus}
+
+
+def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.data.Dataset
+    import ray.data
+
+    rows = [{"shard": task.name, "ref": json.dumps(task.ref)} for task in pending]
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
+        _read_chunks,
+        fn_kwargs={"read_task": phase.read_task, "chunk_size": phase.resources.batch_size},
+        compute=ray.data.TaskPoolStrategy(size=READERS),
+        num_cpus=0.1,
+    )
+    for index, ref in enumerate(phase.stages):
+        last = index == len(phase.stages) - 1
+        dataset = dataset.map(
+            _StageWorker,
+            fn_constructor_kwargs={
+                "ref": ref,
+                "retries": phase.resources.retries,
+                "parts_root": str(phase.out_dir) if last else None,
+            },
+            **_stage_resources(ref, phase.resources),
+        )
+    return dataset
+
+
+def run_phase(phase: Phase) -> PhaseResult:
+    """Produce every missing shard of ``phase`` in its ``out_dir``; a failing shard does not stop the rest."""
+    import ray
+
     started = time.time()
-    skipped = written = 0
-    with _Progress(label, total_shards) as progress:
-        for chunk in batched(tasks, window):
-            pending = [task for task in chunk if task.name not in done]
-            skipped += len(chunk) - len(pending)
-            progress.progress.update(progress.task, advance=len(chunk) - len(pending))
-            if not pending:
-                continue
-            rows = [{"name": task.name, "items_json": json.dumps(task.items)} for task in pending]
-            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-                ShardWorker,
-                fn_constructor_kwargs={
-                    "make_stage": make_stage,
-                    "out_dir": str(out_dir),
-                    "batch_size": resources.batch_size,
-                    "extra_stats": extra_stats or {},
-                    "with_images": with_images,
-                },
-                compute=ray.data.ActorPoolStrategy(size=min(resources.concurrency, len(rows))),
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
-            )
-            for row in dataset.iter_rows():
-                progress.update(json.loads(row["stats_json"]))
-                written += 1
-    if (out_dir / TMP_DIR).exists() and not any((out_dir / TMP_DIR).iterdir()):
-        (out_dir / TMP_DIR).rmdir()
-    return {
-        "started": started,
-        "seconds": round(time.time() - started, 3),
-        "shards_written": written,
-        "shards_skipped": skipped,
-        "leftovers_removed": removed,
-    }
+    out_dir = Path(phase.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = PhaseResult(phase.label, leftovers_removed=clean_uncommitted(out_dir))
+    if result.leftovers_removed:
+        log.warning(
+            "removed %d leftovers of an interrupted run in %s", len(result.leftovers_removed), out_dir
+        )
+    done = set(committed_shards(out_dir))
+    tasks = list(phase.tasks)
+    pending = [task for task in tasks if task.name not in done]
+    result.skipped = len(tasks) - len(pending)
+    with _Progress(phase.label, len(tasks)) as progress:
+        progress.advance(result.skipped)
+        if pending:
+            ensure_ray()
+            ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts shards instead
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
+            committers = [
+                ray.remote(num_cpus=0)(_Committer).remote()
+                for _ in range(max(1, phase.resources.concurrency // 8))
+            ]
+            arrived: Counter[str] = Counter()
+            errors: dict[str, str] = {}
+            commits: dict[Any, str] = {}
+
+            def collect(timeout: float | None) -> None:
+                if not commits:
+                    return
+                ready, _ = ray.wait(list(commits), num_returns=len(commits), timeout=timeout)
+                for ref in ready:
+                    shard = commits.pop(ref)
+                    try:
+                        progress.committed(ray.get(ref))
+                        result.written += 1
+                    except Exception as error:  # noqa: BLE001 - a shard that cannot be committed fails alone
+                        result.failed[shard] = f"commit: {error}"
+                        progress.failed(shard, result.failed[shard])
+
+            for row in _pipeline(phase, pending).iter_rows():
+                shard = row["shard"]
+                arrived[shard] += 1
+                if row["error"]:
+                    errors.setdefault(shard, f"chunk {row['chunk']}: {row['error']}")
+                if arrived[shard] < row["chunks"]:
+                    continue
+                if shard in errors:
+                    result.failed[shard] = errors[shard]
+                    shutil.rmtree(_parts_dir(out_dir, shard), ignore_errors=True)
+                    progress.failed(shard, errors[shard])
+                else:
+                    committer = committers[len(commits) % len(committers)]
+                    ref = committer.commit.remote(
+                        out_dir, shard, row["chunks"], phase.extra_stats, phase.with_images
+                    )
+                    commits[ref] = shard
+                collect(timeout=0)
+            while commits:
+                collect(timeout=None)
+    tmp = out_dir / TMP_DIR
+    if tmp.exists() and not any(tmp.iterdir()):
+        tmp.rmdir()
+    result.seconds = time.time() - started
+    return result
+
+
+def run_reduce(dest: Path, identity: str, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Build folder ``dest`` once per identity: ``build(tmp)`` fills a fresh folder, renamed into place.
+
+    ``dest`` holds :data:`REDUCE_MARKER` (identity and what ``build`` returned) iff it is complete; one
+    made with another identity, or left incomplete by a killed run, is removed and built again.
+    """
+    dest = Path(dest)
+    marker = dest / REDUCE_MARKER
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done.get("identity") == identity:
+            return {**done["stats"], "reused": True}
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in dest.parent.glob(f"{dest.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = dest.parent / f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    started = time.time()
+    stats = {**build(tmp), "seconds": round(time.time() - started, 3)}
+    write_atomic(tmp / REDUCE_MARKER, json.dumps({"identity": identity, "stats": stats}, indent=1).encode())
+    tmp.rename(dest)
+    return stats

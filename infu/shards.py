@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from infu.paths import write_atomic
 from infu.records import SAMPLE_SCHEMA, Status, records_to_table, table_to_records
 
 TMP_DIR = "_tmp"
@@ -42,13 +43,6 @@ def shard_name(index: int) -> str:
 
 def stats_path(out_dir: Path, name: str) -> Path:
     return out_dir / f"{name}{STATS_SUFFIX}"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _json_default(value: Any) -> Any:
@@ -128,8 +122,7 @@ class ShardWriter:
         }
         for suffix in (".tar", ".parquet") if self.with_images else (".parquet",):
             os.replace(self._tmp / f"{self.name}{suffix}", self.out_dir / f"{self.name}{suffix}")
-        _fsync_write(self._tmp / f"{self.name}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
-        os.replace(self._tmp / f"{self.name}{STATS_SUFFIX}", stats_path(self.out_dir, self.name))
+        write_atomic(stats_path(self.out_dir, self.name), json.dumps(stats, indent=1).encode())
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._done = True
         return stats

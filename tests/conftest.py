@@ -27,12 +27,9 @@ def _shared(sub: str) -> Path:
     return path
 
 
-def kill_step_job_midway(step: str, config: Path, overrides: list[str], shards_dir: Path, after: int) -> int:
-    """Run ``python -m filtering <step>`` (with its own local Ray) and SIGKILL its whole process group once
-    ``after`` shards are committed in ``shards_dir``; returns how many were committed by then."""
-    command = [sys.executable, "-m", "filtering", step, "--config", str(config)]
-    for override in overrides:
-        command += ["--set", override]
+def kill_job_midway(command: list[str], shards_dir: Path, after: int) -> int:
+    """Run ``command`` (a job with its own local Ray) and SIGKILL its whole process group once ``after``
+    shards are committed in ``shards_dir``; returns how many were committed by then."""
     job = subprocess.Popen(
         command,
         cwd=PROJECT_ROOT,
@@ -46,6 +43,14 @@ def kill_step_job_midway(step: str, config: Path, overrides: list[str], shards_d
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(timeout=30)
     return len(committed_shards(shards_dir))
+
+
+def kill_step_job_midway(step: str, config: Path, overrides: list[str], shards_dir: Path, after: int) -> int:
+    """:func:`kill_job_midway` for ``python -m filtering <step> --config ... --set ...``."""
+    command = [sys.executable, "-m", "filtering", step, "--config", str(config)]
+    for override in overrides:
+        command += ["--set", override]
+    return kill_job_midway(command, shards_dir, after)
 
 
 @pytest.fixture(scope="module")

@@ -31,20 +31,8 @@ def test_shipped_profiles_load_with_paper_settings():
     assert paper.face.backend == "insightface" and paper.face.pack_name == "antelopev2"
     assert paper.model.variant == "full" and paper.model.infusenet_factor == 4
     assert paper.model.projection.num_queries == 8 and paper.model.projection.embedding_dim == 512
-    training = paper.training
-    assert training is not None
-    assert (training.stage1.learning_rate, training.stage1.batch_size, training.stage1.max_steps) == (
-        2e-5,
-        512,
-        300_000,
-    )
-    assert (training.stage2.learning_rate, training.stage2.batch_size) == (1e-5, 256)
-    assert training.optimizer.betas == (0.9, 0.999) and training.optimizer.weight_decay == 0.01
-    assert (training.timesteps.kind, training.timesteps.mean, training.timesteps.std) == (
-        "logit_normal",
-        0.0,
-        1.0,
-    )
+    assert paper.filter.resources.stages["decode"].num_gpus is None
+    assert paper.filter.resources.stages["decode"].concurrency == 128
 
 
 def test_unknown_key_is_rejected_by_name(tmp_path):
@@ -94,6 +82,15 @@ def test_relative_paths_resolve_against_the_loading_directory(tmp_path, monkeypa
     config = load_config(CONFIGS / "embedded.yaml")
     assert config.run.run_dir == tmp_path / "runs" / "embedded"
     assert config.ingest.source.path == tmp_path / "runs" / "embedded" / "sample_corpus"
+
+
+def test_sections_come_from_the_step_registry(tmp_path):
+    from filtering.config import FilterConfig, IngestConfig
+
+    config = load_config(CONFIGS / "embedded.yaml")
+    assert isinstance(config.step("ingest"), IngestConfig) and isinstance(config.step("filter"), FilterConfig)
+    with pytest.raises(ConfigError, match=r"captioning: unknown section \(known: run, face, model, quality"):
+        load_config(write(tmp_path, "captioning: {}\n"))
 
 
 def test_step_hash_tracks_output_relevant_settings_only():

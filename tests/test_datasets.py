@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from filtering.config import SourceConfig
 from filtering.datasets import DATASET_SOURCES, VIDEO_NOTE, DatasetSource
 from filtering.sources import Source, SourceError, open_source
-from infu.config import SourceConfig
 
 CELEBA_ATTRIBUTES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "

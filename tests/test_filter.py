@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from filtering.config import FilterThresholds
 from filtering.filter import SCORED, decide, face_sharpness, run_filter
 from filtering.ingest import run_ingest
-from infu.config import FilterThresholds, load_config
+from infu.config import load_config
 from infu.face import Face, HeadPose
 from infu.index import DatasetIndex
 from infu.sample_corpus import build_sample_corpus, read_labels
@@ -156,6 +157,7 @@ def test_duplicates_and_held_out_identities_are_removed(local_ray, tmp_path):
     assert outcome["people/person_3.jpg"][0] is None
 
 
+@pytest.mark.slow
 def test_killed_filter_job_resumes_to_the_same_rows(local_ray, tmp_path):
     corpus = tmp_path / "corpus"
     one_per_shard = ["ingest.shard_size=1", "filter.resources.concurrency=1"]

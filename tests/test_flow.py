@@ -13,7 +13,7 @@ import ray
 
 from infu.index import DatasetIndex
 from infu.raycluster import JobFailedError, free_port, run_job
-from infu.sample_corpus import read_labels
+from infu.sample_corpus import build_sample_corpus, read_labels
 
 from .conftest import PROJECT_ROOT
 
@@ -84,6 +84,7 @@ def ray_head():
             str(BIN / "ray"),
             "start",
             "--head",
+            "--node-ip-address=127.0.0.1",
             f"--port={free_port()}",
             f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1",
@@ -97,38 +98,61 @@ def ray_head():
     run([str(BIN / "ray"), "stop", "--force"], timeout=120)
 
 
-def submit_step(ray_head: str, step: str, run_dir: Path) -> subprocess.CompletedProcess:
+def submit_step(ray_head: str, step: str, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`ray job submit -- python -m filtering <step> ...`, as the README shows."""
     auth = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
-    entrypoint = ["python", "-m", "filtering", step, "--config", str(EMBEDDED), *in_run_dir(run_dir)]
+    entrypoint = [
+        "python",
+        "-m",
+        "filtering",
+        step,
+        "--config",
+        str(EMBEDDED),
+        *in_run_dir(run_dir),
+        *overrides,
+    ]
     return run([str(BIN / "ray"), "job", "submit", "--address", ray_head, "--", *entrypoint], **auth)
 
 
-def test_ray_job_submit_runs_the_entrypoint_and_the_flow_reuses_finished_jobs(ray_head, tmp_path):
-    for step, check in (("ingest", assert_ingested), ("filter", assert_filtered)):
-        submitted = submit_step(ray_head, step, tmp_path / "submitted")
-        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-        check(tmp_path / "submitted")
+def small_source(folder: Path) -> list[str]:
+    """Overrides reading three corpus portraits (one of them too small after a min_side change)."""
+    corpus = folder / "corpus"
+    build_sample_corpus(corpus)
+    photos = folder / "photos"
+    photos.mkdir()
+    for name in ("people/person_0.jpg", "people/person_1.jpg", "variants/very_small.jpg"):
+        shutil.copy(corpus / name, photos / Path(name).name)
+    return ["--set", "ingest.source.kind=folder", "--set", f"ingest.source.path={photos}"]
 
-    flow_dir = tmp_path / "flow"
-    command = [
-        str(BIN / "infu"),
-        "ingest",
-        "--config",
-        str(EMBEDDED),
-        *in_run_dir(flow_dir),
-        "--set",
-        f"run.ray_address={ray_head}",
-    ]
-    first = run(command)
+
+def test_the_output_folder_decides_what_runs_on_a_persistent_cluster(ray_head, tmp_path):
+    """Lineage through `ray job submit` and `infu run` against one `ray start --head` cluster."""
+    source = small_source(tmp_path)
+    submitted = tmp_path / "submitted"
+    first = submit_step(ray_head, "ingest", submitted, *source)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "submitted job infu-embedded-ingest-" in first.stdout
-    assert_ingested(flow_dir)
-    assert not (flow_dir / "filter").exists()
-    shutil.rmtree(flow_dir / "ingest")
-    second = run(command)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "already succeeded; not running it again" in second.stdout
+    again = submit_step(ray_head, "ingest", submitted, *source)
+    assert again.returncode == 0 and "is complete for identity" in again.stdout
+
+    def infu_run(*overrides: str) -> str:
+        command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path / "flow")]
+        done = run([*command, *source, "--set", f"run.ray_address={ray_head}", *overrides])
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    # Another run folder on the same cluster, same config: everything runs there.
+    output = infu_run()
+    assert "submitted job infu-embedded-ingest-" in output and "submitted job infu-embedded-filter-" in output
+    assert DatasetIndex(tmp_path / "flow" / "filter").reason_counts() == {"ok": 2, "too_small": 1}
+    # Unchanged, or only resources changed: nothing runs.
+    output = infu_run("--set", "filter.resources.concurrency=1", "--set", "ingest.resources.batch_size=2")
+    assert "submitted job" not in output and output.count("is complete for this config; skipping it") == 2
+    # An ingest setting changed: ingest and everything after it run again; the old outputs are kept aside.
+    output = infu_run("--set", "ingest.min_side=350")
+    assert "submitted job infu-embedded-ingest-" in output and "submitted job infu-embedded-filter-" in output
+    assert DatasetIndex(tmp_path / "flow" / "filter").reason_counts() == {"ok": 1, "too_small": 2}
+    superseded = sorted(path.name.split("-")[0] for path in (tmp_path / "flow" / "_superseded").iterdir())
+    assert superseded == ["filter", "ingest"]
 
 
 def test_a_failed_job_fails_the_step_and_is_retried_as_a_new_attempt(ray_head):

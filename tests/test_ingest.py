@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from filtering.ingest import run_ingest
+from filtering.ingest import LISTING, run_ingest, write_listing
+from filtering.sources import open_source
 from infu.config import load_config
 from infu.index import DatasetIndex
+from infu.manifest import read_manifest
+from infu.runner import run_reduce
 from infu.sample_corpus import build_sample_corpus, read_labels
 from infu.shards import committed_shards, iter_samples, ray_records, ray_samples, read_records
 
@@ -50,7 +56,7 @@ def test_ingest_records_every_input_with_its_expected_outcome(local_ray, corpus,
     assert manifest["counts"]["samples"] == 18 and manifest["counts"]["ok"] == 14
     assert manifest["counts"]["reasons"] == {"bad_image": 1, "not_image": 1, "too_large": 1, "too_small": 1}
     assert manifest["inputs"]["ignored_files"] == {"jsonl": 1}
-    assert manifest["config_hash"] == config.step_hash("ingest")
+    assert manifest["identity"] == config.step_hash("ingest") and manifest["failed_shards"] == {}
     assert committed_shards(out_dir) == ["000000", "000001", "000002"]
 
     records = {record["source_path"]: record for record in read_records(out_dir)}
@@ -89,17 +95,26 @@ def test_rerun_skips_committed_shards_and_ray_reads_the_shards(local_ray, corpus
         record = by_key[sample["__key__"]]
         assert hashlib.sha256(sample["image"]).hexdigest() == record["sha256"]
         assert sample["json"]["key"] == record["key"]
+    (config.step_dir("ingest") / "_manifest.json").unlink()  # shards of this identity are still reused
     manifest = run_ingest(config)
     assert manifest["run"]["shards_skipped"] == 3 and manifest["run"]["shards_written"] == 0
     assert read_records(config.step_dir("ingest")) == before
 
 
-def test_rerun_with_another_config_into_the_same_folder_is_refused(local_ray, corpus, tmp_path):
-    run_ingest(embedded_config(tmp_path, corpus))
-    with pytest.raises(RuntimeError, match="config hash"):
-        run_ingest(embedded_config(tmp_path, corpus, "ingest.min_side=100"))
+def test_rerun_with_another_config_supersedes_the_old_output(local_ray, corpus, tmp_path):
+    first = embedded_config(tmp_path, corpus)
+    run_ingest(first)
+    old_rows = read_records(first.step_dir("ingest"))
+    changed = embedded_config(tmp_path, corpus, "ingest.min_side=350")
+    manifest = run_ingest(changed)
+    assert manifest["identity"] == changed.step_hash("ingest") != first.step_hash("ingest")
+    assert manifest["run"]["shards_skipped"] == 0 and manifest["counts"]["reasons"]["too_small"] == 4
+    (moved,) = (tmp_path / "_superseded").iterdir()
+    assert moved.name.startswith(f"ingest-{first.step_hash('ingest')[:12]}-")
+    assert read_records(moved) == old_rows
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_to_the_same_rows(local_ray, corpus, tmp_path):
     """SIGKILL the job (driver and its local Ray) mid-run; the rerun equals an uninterrupted run."""
     one_per_shard = ["ingest.shard_size=1", "ingest.resources.concurrency=1"]
@@ -117,3 +132,29 @@ def test_killed_job_resumes_to_the_same_rows(local_ray, corpus, tmp_path):
     assert manifest["run"]["shards_written"] == 18 - done_before_kill
     assert comparable(read_records(out_dir)) == comparable(read_records(reference.step_dir("ingest")))
     assert not (out_dir / "_tmp").exists()
+
+
+@pytest.mark.slow
+def test_a_shard_that_cannot_be_read_fails_alone_and_the_job_names_it(corpus, tmp_path):
+    """A listing shard damaged after listing: the others commit, the job exits 1 naming it; a rerun heals."""
+    config = embedded_config(tmp_path, corpus)
+    listing = config.step_dir("ingest") / LISTING
+    source = open_source(config.step("ingest").source)
+    run_reduce(listing, config.step_hash("ingest"), lambda folder: write_listing(source, 8, folder))
+    (listing / "000001.parquet").write_bytes(b"not parquet any more")
+    command = [sys.executable, "-m", "filtering", "ingest", "--config", str(EMBEDDED)]
+    command += ["--set", f"run.run_dir={tmp_path}", "--set", f"ingest.source.path={corpus}"]
+
+    failed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert "ingest: shard 000001 failed: chunk 0: read: ArrowInvalid" in failed.stderr
+    assert committed_shards(config.step_dir("ingest")) == ["000000", "000002"]
+    manifest = read_manifest(config.step_dir("ingest"))
+    assert manifest["status"] == "failed" and list(manifest["failed_shards"]) == ["000001"]
+
+    shutil.rmtree(listing)  # listed again on the rerun
+    healed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    manifest = read_manifest(config.step_dir("ingest"))
+    assert manifest["status"] == "complete" and manifest["run"]["shards_skipped"] == 2
+    assert manifest["counts"]["samples"] == 18

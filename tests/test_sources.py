@@ -9,8 +9,8 @@ import json
 import pytest
 import webdataset as wds
 
+from filtering.config import SourceConfig
 from filtering.sources import SourceError, open_source
-from infu.config import SourceConfig
 from infu.images import BadImageError, decode_image, probe_image
 from infu.sample_corpus import build_sample_corpus, corpus_digest, read_labels
 
