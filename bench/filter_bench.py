@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from filtering.filter import DecodeStage, ScoreStage, shard_tasks, read_input_shard, with_identity_threshold
+from filtering.filter import DecodeStage, ScoreStage, read_input_shard, shard_tasks, with_identity_threshold
 from filtering.ingest import run_ingest
 from infu.config import InfuConfig, load_config
 from infu.records import new_record

@@ -135,6 +135,37 @@ def _pairs_in_runs(order: np.ndarray, sorted_keys: np.ndarray) -> Iterator[tuple
         yield order[first], order[second]
 
 
+def table_masks(count: int, max_distance: int, blocks: int | None = None) -> list[int]:
+    """Key masks of the block tables for ``count`` hashes (``blocks`` defaults to :func:`choose_blocks`)."""
+    if not 0 <= max_distance < HASH_BITS:
+        raise ValueError(f"max_distance must be in [0, {HASH_BITS}), got {max_distance}")
+    blocks = blocks or choose_blocks(count, max_distance)
+    if blocks <= max_distance:
+        raise ValueError(f"blocks must exceed max_distance ({max_distance}), got {blocks}")
+    return _table_keys(blocks, max_distance)
+
+
+def pairs_in_tables(
+    phashes: npt.ArrayLike, masks: Sequence[int], max_distance: int
+) -> tuple[np.ndarray, int]:
+    """Pairs within ``max_distance`` bits that agree on the bits of one of ``masks``, coded ``i * n + j``
+    (``i < j``, unique), and the number of candidates verified. The tables are independent, so disjoint
+    subsets of :func:`table_masks` can run in separate processes and their codes be merged."""
+    hashes = _as_uint64(phashes)
+    count = len(hashes)
+    found: list[np.ndarray] = []
+    candidates = 0
+    for key_mask in masks:
+        keys = hashes & np.uint64(key_mask)
+        order = np.argsort(keys, kind="stable")
+        # A stable sort keeps equal keys in input order, so every pair comes out as (i, j) with i < j.
+        for first, second in _pairs_in_runs(order, keys[order]):
+            candidates += len(first)
+            close = np.bitwise_count(hashes[first] ^ hashes[second]) <= max_distance
+            found.append(first[close] * count + second[close])
+    return (np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)), candidates
+
+
 def near_duplicate_pairs(
     phashes: npt.ArrayLike, max_distance: int = DEFAULT_MAX_DISTANCE, blocks: int | None = None
 ) -> NearPairs:
@@ -145,26 +176,17 @@ def near_duplicate_pairs(
     (as :func:`find_duplicates` does) when large groups of equal hashes are expected.
     """
     hashes = _as_uint64(phashes)
-    count = len(hashes)
-    if not 0 <= max_distance < HASH_BITS:
-        raise ValueError(f"max_distance must be in [0, {HASH_BITS}), got {max_distance}")
-    blocks = blocks or choose_blocks(count, max_distance)
-    if blocks <= max_distance:
-        raise ValueError(f"blocks must exceed max_distance ({max_distance}), got {blocks}")
-    found: list[np.ndarray] = []
-    candidates = 0
-    for key_mask in _table_keys(blocks, max_distance):
-        keys = hashes & np.uint64(key_mask)
-        order = np.argsort(keys, kind="stable")
-        # A stable sort keeps equal keys in input order, so every pair comes out as (i, j) with i < j.
-        for first, second in _pairs_in_runs(order, keys[order]):
-            candidates += len(first)
-            close = np.bitwise_count(hashes[first] ^ hashes[second]) <= max_distance
-            found.append(first[close] * count + second[close])
-    codes = np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
+    blocks = blocks or choose_blocks(len(hashes), max_distance)
+    codes, candidates = pairs_in_tables(hashes, table_masks(len(hashes), max_distance, blocks), max_distance)
+    return NearPairs(*pairs_from_codes(hashes, codes), candidates, blocks)
+
+
+def pairs_from_codes(phashes: npt.ArrayLike, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair codes of :func:`pairs_in_tables` -> sorted ``(k, 2)`` positions and their Hamming distances."""
+    hashes = _as_uint64(phashes)
+    count = max(len(hashes), 1)
     pairs = np.stack([codes // count, codes % count], axis=1)
-    distances = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]).astype(np.int64)
-    return NearPairs(pairs, distances, candidates, blocks)
+    return pairs, np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]).astype(np.int64)
 
 
 def _first_of_equal(values: pa.Array) -> np.ndarray:
@@ -213,30 +235,42 @@ def find_duplicates(
     sources = np.concatenate([positions, positions, distinct_hashes[near.pairs[:, 0]]])
     targets = np.concatenate([same_sha_as, same_hash_as, distinct_hashes[near.pairs[:, 1]]])
     linked = (targets >= 0) & (targets != sources)
-    graph = coo_matrix(
-        (np.ones(int(linked.sum()), dtype=np.int32), (sources[linked], targets[linked])), shape=(count, count)
-    )
-    component_count, components = connected_components(graph, directed=False)
-    first_in_component = np.full(component_count, count, dtype=np.int64)
-    np.minimum.at(first_in_component, components, positions)
-    kept = first_in_component[components]
-    marked = np.flatnonzero(kept != positions)
-    kept_of_marked = kept[marked]
+    marked, kept = keep_first(sources[linked], targets[linked])
+    exact = (same_sha_as[marked] == kept) & (same_sha_as[marked] >= 0)
+    relations = duplicate_relations(exact, hashes[marked] ^ hashes[kept], has_hash[marked] & has_hash[kept])
+    return {
+        keys[index]: (f"{relation} {keys[kept_index]}", keys[kept_index])
+        for index, kept_index, relation in zip(marked, kept, relations, strict=True)
+    }
 
-    exact = same_sha_as[marked] == same_sha_as[kept_of_marked]
-    exact &= same_sha_as[marked] >= 0
-    distances = np.bitwise_count(hashes[marked] ^ hashes[kept_of_marked])
-    both_hashed = has_hash[marked] & has_hash[kept_of_marked]
-    details = {}
-    for index, kept_index, is_exact, distance, hashed in zip(
-        marked, kept_of_marked, exact, distances, both_hashed, strict=True
-    ):
-        relation = (
-            "same sha256 as"
-            if is_exact
-            else f"phash distance {distance} to"
-            if hashed
-            else "near-duplicate chain to"
-        )
-        details[keys[index]] = (f"{relation} {keys[kept_index]}", keys[kept_index])
-    return details
+
+def keep_first(sources: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Groups = connected components of the links ``sources[i] - targets[i]`` (node numbers in keep
+    order); returns every node that is not the first of its group, ascending, and that first node.
+
+    Only linked nodes are materialised, so the work follows the number of links, not the node ids."""
+    nodes, ends = np.unique(np.concatenate([sources, targets]), return_inverse=True)
+    graph = coo_matrix(
+        (np.ones(len(sources), dtype=np.int8), (ends[: len(sources)], ends[len(sources) :])),
+        shape=(len(nodes), len(nodes)),
+    )
+    _, components = connected_components(graph, directed=False)
+    # Nodes are sorted, so the first occurrence of each component is its smallest node.
+    _, first_index = np.unique(components, return_index=True)
+    kept = nodes[first_index][components]
+    marked = kept != nodes
+    return nodes[marked], kept[marked]
+
+
+def duplicate_relations(exact: np.ndarray, differing_bits: np.ndarray, both_hashed: np.ndarray) -> list[str]:
+    """Detail prefix per marked duplicate (the kept key follows): same sha256, the pHash distance to the
+    kept image, or a chain through images without a pHash."""
+    distances = np.bitwise_count(differing_bits).tolist()
+    return [
+        "same sha256 as"
+        if is_exact
+        else f"phash distance {distance} to"
+        if hashed
+        else "near-duplicate chain to"
+        for is_exact, distance, hashed in zip(exact.tolist(), distances, both_hashed.tolist(), strict=True)
+    ]

@@ -145,10 +145,22 @@ def cluster_identities(
     if not len(keys):
         return []
     order = pc.sort_indices(pa.array(keys, type=pa.string())).to_numpy()
-    cluster_of_sorted = np.empty(len(keys), dtype=np.int64)
+    leaders = leaders_in_order(matrix[order], threshold)
+    numbers = np.cumsum(leaders == np.arange(len(keys))) - 1
+    clusters = np.empty(len(keys), dtype=np.int64)
+    clusters[order] = numbers[leaders]
+    return [f"{dataset}-c{cluster:06d}" for cluster in clusters]
+
+
+def leaders_in_order(embeddings: npt.ArrayLike, threshold: float) -> np.ndarray:
+    """Greedy leader clustering of faces in the given order: per face the position of its leader (its
+    own position for leaders). See :func:`cluster_identities`."""
+    matrix = np.asarray(embeddings, dtype=np.float32)
+    leader_of = np.empty(len(matrix), dtype=np.int64)
     leaders = _LeaderBank()
-    for start in range(0, len(keys), _BLOCK):
-        chunk = normalize_rows(matrix[order[start : start + _BLOCK]])
+    leader_positions: list[np.ndarray] = []
+    for start in range(0, len(matrix), _BLOCK):
+        chunk = normalize_rows(matrix[start : start + _BLOCK])
         best_similarity, best_leader = _best_match(chunk, leaders.blocks)
         new_leaders = _new_leaders(chunk, best_similarity < threshold, threshold)
         # Each face may prefer a leader created earlier in this chunk over the best older one.
@@ -159,11 +171,10 @@ def cluster_identities(
             prefer_new = to_new[np.arange(len(chunk)), column] > best_similarity
             best_leader = np.where(prefer_new, leaders.count + column, best_leader)
             best_leader[new_leaders] = leaders.count + np.arange(len(new_leaders))
-        cluster_of_sorted[start : start + len(chunk)] = best_leader
+        leader_of[start : start + len(chunk)] = best_leader
         leaders.add(chunk[new_leaders])
-    clusters = np.empty(len(keys), dtype=np.int64)
-    clusters[order] = cluster_of_sorted
-    return [f"{dataset}-c{cluster:06d}" for cluster in clusters]
+        leader_positions.append(start + new_leaders)
+    return np.concatenate(leader_positions)[leader_of] if len(matrix) else leader_of
 
 
 def _new_leaders(chunk: np.ndarray, unmatched: np.ndarray, threshold: float) -> np.ndarray:

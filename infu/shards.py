@@ -157,6 +157,9 @@ def clean_uncommitted(out_dir: Path) -> list[str]:
             if path.stem not in committed:
                 path.unlink()
                 removed.append(path.name)
+    for path in out_dir.glob(".*.tmp"):  # an atomic write cut short (infu.paths.write_atomic)
+        path.unlink()
+        removed.append(path.name)
     return removed
 
 

@@ -175,9 +175,14 @@ def test_files_without_stats_are_not_a_shard(tmp_path):
         writer.add(full_record(0), b"x", "jpg")
         writer.commit()
     (tmp_path / "000000_stats.json").unlink()
+    (tmp_path / ".000000_stats.json.1a2b3c4d.tmp").write_text("{")  # the stats write itself was cut short
     assert committed_shards(tmp_path) == []
     assert read_records(tmp_path) == []
-    assert sorted(clean_uncommitted(tmp_path)) == ["000000.parquet", "000000.tar"]
+    assert sorted(clean_uncommitted(tmp_path)) == [
+        ".000000_stats.json.1a2b3c4d.tmp",
+        "000000.parquet",
+        "000000.tar",
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
