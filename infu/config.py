@@ -112,13 +112,20 @@ class InfuConfig(Section):
 
 @functools.cache
 def config_model() -> type[InfuConfig]:
-    """:class:`InfuConfig` with one optional field per registered step section."""
+    """``RunConfig``: :class:`InfuConfig` with one optional field per registered step section."""
     from infu.steps import registry
 
     fields: dict[str, Any] = {}
     for spec in registry().values():
         fields[spec.section] = (spec.section_model | None, None)
-    return create_model("InfuConfig", __base__=InfuConfig, **fields)
+    return create_model("RunConfig", __base__=InfuConfig, __module__=__name__, **fields)
+
+
+def __getattr__(name: str) -> Any:
+    """``infu.config.RunConfig`` is built on first use, so configs pickle and unpickle in any process."""
+    if name == "RunConfig":
+        return config_model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _describe(errors: list[dict[str, Any]]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,8 @@ def test_step_hash_tracks_output_relevant_settings_only():
     assert len(base.step_hash("ingest")) == 64
     assert base.step_hash("ingest") == same.step_hash("ingest")
     assert base.step_hash("ingest") != changed.step_hash("ingest")
+
+
+def test_a_loaded_config_pickles(tmp_path):
+    config = load_config(CONFIGS / "embedded.yaml", [f"run.run_dir={tmp_path}"])
+    assert pickle.loads(pickle.dumps(config)) == config

@@ -174,6 +174,6 @@ def test_cli_reports_config_errors_and_builds_the_corpus(tmp_path):
     result = run([str(BIN / "infu"), "config", "validate", str(bad)])
     assert result.returncode == 2 and "ingest.shard_sise: unknown key" in result.stderr
     valid = run([str(BIN / "infu"), "config", "validate", str(EMBEDDED)])
-    assert valid.returncode == 0 and "ingest: config hash" in valid.stdout
+    assert valid.returncode == 0 and "ingest: identity" in valid.stdout
     corpus = run([str(BIN / "infu"), "sample-corpus", str(tmp_path / "corpus")])
     assert corpus.returncode == 0 and len(read_labels(tmp_path / "corpus")) == 18

@@ -159,7 +159,7 @@ def test_fan_out_and_reduce_resume_after_sigkill_to_the_same_rows(tmp_path):
     assert (summary["written"], summary["failed"], summary["reduce"]["records"]) == (6, {}, 90)
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "tests.fanout_job", str(killed), "--delay", "1.0"]
+    command = [sys.executable, "-m", "tests.fanout_job", str(killed), "--delay", "0.5"]
     committed = kill_job_midway(command, killed / "map", after=2)
     assert 2 <= committed < fanout_job.SHARDS
     resumed = run_fanout(killed)
