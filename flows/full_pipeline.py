@@ -37,7 +37,9 @@ def full_pipeline(
     pending = [step for step in selected if completed_manifest(run_config, step) is None]
     cluster = ray_cluster(run_config) if pending else nullcontext(("", False))
     with cluster as (address, local):
-        where = f"to run on Ray at {address}: {', '.join(pending)}" if pending else "all complete, nothing to run"
+        where = (
+            f"to run on Ray at {address}: {', '.join(pending)}" if pending else "all complete, nothing to run"
+        )
         print(f"steps {', '.join(selected)}; {where}")
         for step in selected:
             results[step] = step_task(step, config, overrides, address, local)
