@@ -51,23 +51,19 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _identities_in(out_dir: Path) -> set[str | None]:
-    """Identities the folder's manifest and committed shards (any phase) were made with."""
-    manifest = read_manifest(out_dir)
-    found = {manifest.get("identity")} if manifest else set()
-    for stats_file in out_dir.rglob(f"*{STATS_SUFFIX}"):
-        found.add(json.loads(stats_file.read_text()).get("identity"))
-    return found
-
-
 def supersede_other_output(out_dir: Path, identity: str) -> Path | None:
     """Move a folder holding output of another identity aside, to ``<run_dir>/_superseded/``; returns
     where it went. None when the folder is absent or already this identity's; a folder without any
     committed shard (a run that failed early) is removed instead."""
-    identities = _identities_in(out_dir) if out_dir.is_dir() else {identity}
+    if not out_dir.is_dir():
+        return None
+    manifest = read_manifest(out_dir)
+    stats_files = list(out_dir.rglob(f"*{STATS_SUFFIX}"))  # committed shards of every phase
+    identities = {manifest.get("identity")} if manifest else set()
+    identities |= {json.loads(path.read_text()).get("identity") for path in stats_files}
     if identities <= {identity}:
         return None
-    if not any(out_dir.rglob(f"*{STATS_SUFFIX}")):
+    if not stats_files:
         shutil.rmtree(out_dir)  # a run that committed nothing: only its manifest and scratch files
         return None
     old = next((found for found in identities if found and found != identity), None) or "unknown"

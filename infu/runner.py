@@ -24,6 +24,7 @@ A **reduce phase** (:func:`run_reduce`) builds a folder from the committed shard
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pickle
@@ -123,7 +124,6 @@ class Phase:
 class PhaseResult:
     """What a map phase did: shards written, skipped (already committed) and failed (with errors)."""
 
-    label: str
     seconds: float = 0.0
     written: int = 0
     skipped: int = 0
@@ -141,13 +141,8 @@ class PhaseResult:
 
 
 def batched(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in iterable:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
         yield chunk
 
 
@@ -325,7 +320,7 @@ def run_phase(phase: Phase) -> PhaseResult:
     started = time.time()
     out_dir = Path(phase.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = PhaseResult(phase.label, leftovers_removed=clean_uncommitted(out_dir))
+    result = PhaseResult(leftovers_removed=clean_uncommitted(out_dir))
     if result.leftovers_removed:
         log.warning(
             "removed %d leftovers of an interrupted run in %s", len(result.leftovers_removed), out_dir
