@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import resource
+import shutil
 import tempfile
 import threading
 import time
@@ -198,6 +199,30 @@ def evaluate(scored: Path, decisions: Path) -> dict[str, float]:
     return result
 
 
+def _scored_shards(args: argparse.Namespace, temporary: Path) -> Path:
+    """The synthetic scored shards: generated in a child process, kept in ``--workdir`` (and reused
+    from there) when given, else in ``temporary``."""
+    name = f"scored-{args.rows}-{args.shard_rows}-{args.dimension}"
+    scored = (args.workdir or temporary) / name
+    done = scored / "_generated"
+    if done.exists():
+        print(f"reusing {args.rows} generated rows in {scored}", flush=True)
+        return scored
+    shutil.rmtree(scored, ignore_errors=True)
+    scored.mkdir(parents=True)
+    started = time.perf_counter()
+    child = multiprocessing.get_context("spawn").Process(
+        target=generate, args=(scored, args.rows, args.shard_rows, args.dimension)
+    )
+    child.start()
+    child.join()
+    if child.exitcode:
+        raise SystemExit(f"generating the shards failed (exit {child.exitcode})")
+    done.touch()
+    print(f"generated {args.rows} rows in {time.perf_counter() - started:.0f} s", flush=True)
+    return scored
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -207,21 +232,17 @@ def main() -> None:
     parser.add_argument("--dimension", type=int, default=512)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument(
-        "--workdir", type=Path, default=None, help="keep the shards here (default: a temp dir)"
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep (and reuse) the generated shards here (default: a temp dir)",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
-        scored, out = Path(folder) / "scored", Path(folder) / "global"
-        scored.mkdir()
+        scored = _scored_shards(args, Path(folder))
+        out = Path(folder) / "global"
         out.mkdir()
-        started = time.perf_counter()
-        child = multiprocessing.get_context("spawn").Process(
-            target=generate, args=(scored, args.rows, args.shard_rows, args.dimension)
-        )
-        child.start()
-        child.join()
-        print(f"generated {args.rows} rows in {time.perf_counter() - started:.0f} s", flush=True)
-        ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         started = time.perf_counter()
         with RssSampler() as workers:

@@ -38,6 +38,11 @@ class SourceConfig(Section):
         default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"],
         description="file endings read as images; other files are counted in the manifest as ignored",
     )
+    symlinks: Literal["inside", "never", "follow"] = Field(
+        "inside",
+        description="symlinks in the source folder: followed when their target is inside the source root "
+        "(inside), never, or wherever they point (follow); the others and loops become rejected records",
+    )
 
 
 class IngestConfig(Section):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filtering.config import SourceConfig
-from filtering.sources import Source, SourceError
+from filtering.sources import Source, SourceError, read_regular_file
 
 VIDEO_NOTE = (
     "raw videos (.mp4) are not decoded: extract frames to <clip_id>/<frame>.png|jpg under the dataset root"
@@ -46,7 +46,7 @@ class DatasetSource(Source):
             raise SourceError(f"dataset folder {self.root} does not exist")
 
     def read(self, item: dict[str, Any]) -> bytes:
-        return (self.root / item["source_path"]).read_bytes()
+        return read_regular_file(self._real_path(self.root / item["source_path"]))
 
     def describe(self) -> dict[str, Any]:
         description = super().describe()

@@ -15,9 +15,10 @@ Memory follows one shard plus a few compact per-row arrays, never the dataset:
   for 512-D), ``PROBES`` lists probed. As Ray actors when Ray is up (else in this process), per shard:
   read its embeddings, encode them into the index; then range-search them at the same-identity cosine,
   keeping per face its ``NEIGHBOUR_CAP`` earliest earlier neighbours of its dataset (and, while it has
-  fewer, itself as an earlier neighbour of its later ones). DuckDB gathers the pairs; their connected
-  components are candidate groups. A person's faces stay connected even when the search misses many of
-  their pairs, which a leader pass over the approximate lists alone would turn into split clusters
+  fewer, itself as an earlier neighbour of its later ones). The pairs stream into their connected
+  components (:class:`StreamingComponents`), the candidate groups. A person's faces stay connected
+  even when the search misses many of their pairs, which a leader pass over the approximate lists
+  alone would turn into split clusters
   (measured: same-identity recall 0.64 with lists vs 0.97 with components on the test data). Each shard
   then writes its faces of every batch of components, and each batch is clustered exactly (greedy
   leader clustering in key order, :func:`filtering.identity.leaders_in_order`) on the exact vectors,
@@ -445,33 +446,22 @@ def _cluster_identities(
         index = params.build(pool[chosen])
         del pool
     with timer("identity_encode"):
-        encoded = list(_map_shards({**settings, "index": index}, "encode", shards))
-        face_iids = np.concatenate([iids for iids, _ in encoded])
-        order = np.argsort(face_iids)
-        face_iids = face_iids[order]
-        codes = np.concatenate([codes for _, codes in encoded if len(codes)])[order]
-        del encoded, order
-        index.add_sa_codes(codes, face_iids)
-        code_size = codes.shape[1]
-        del codes
+        shard_iids = []
+        for iids, codes in _map_shards({**settings, "index": index}, "encode", shards):
+            if len(iids):
+                index.add_sa_codes(codes, iids)
+                shard_iids.append(iids)
+        face_iids = np.sort(np.concatenate(shard_iids))
+        del shard_iids
     with timer("identity_search"):
-        con.execute("CREATE TABLE pairs (face BIGINT, earlier BIGINT)")
+        graph = StreamingComponents(faces)
         searching = {**settings, "index": index, "neighbour_cap": params.neighbour_cap}
-        for table in _map_shards(searching, "search", shards):
-            con.register("found", table)
-            con.execute("INSERT INTO pairs SELECT * FROM found")
-            con.unregister("found")
+        for found in _map_shards(searching, "search", shards):
+            graph.add(*(np.searchsorted(face_iids, found[name].to_numpy()) for name in found.column_names))
+        index_megabytes = round(faces * (index.code_size + 8) / 1e6, 1)
         del index
     with timer("identity_components"):
-        pairs = con.sql("SELECT face, earlier FROM pairs").to_arrow_table()
-        ends = [
-            np.searchsorted(face_iids, pairs[name].to_numpy()).astype(np.int32) for name in pairs.column_names
-        ]
-        del pairs
-        graph = coo_matrix((np.ones(len(ends[0]), dtype=np.int8), tuple(ends)), shape=(faces, faces))
-        del ends
-        _, components = connected_components(graph, directed=False)
-        del graph
+        components = graph.components()
     with timer("identity_leaders"):
         leaders = _leaders_by_component(settings, rows_dir.parent, shards, face_iids, components)
         is_leader = leaders == np.arange(faces)
@@ -485,11 +475,60 @@ def _cluster_identities(
     return {
         "faces": faces,
         "identity_clusters": int(is_leader.sum()),
-        "neighbour_pairs": con.execute("SELECT count(*) FROM pairs").fetchall()[0][0],
+        "neighbour_pairs": graph.edges,
         "components": len(sizes),
         "largest_component": int(sizes.max()),
-        "identity_index": {**asdict(params), "megabytes": round(faces * (code_size + 8) / 1e6, 1)},
+        "identity_index": {**asdict(params), "megabytes": index_megabytes},
     }
+
+
+class StreamingComponents:
+    """Connected components of a graph on ``nodes`` nodes whose edges arrive in batches.
+
+    Memory is a label per node plus about ``merge_edges`` pending edges: every node's label is the
+    smallest node of its component so far; pending edges are merged by finding the components of the
+    graph on the labels they join (scipy) and relabelling every node."""
+
+    def __init__(self, nodes: int, merge_edges: int = 1 << 22):
+        self.labels = np.arange(nodes, dtype=np.int64)
+        self.merge_edges = merge_edges
+        self.edges = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_edges = 0
+
+    def add(self, first: np.ndarray, second: np.ndarray) -> None:
+        """Edges ``first[i] - second[i]`` (node numbers)."""
+        self._pending.append((first, second))
+        self._pending_edges += len(first)
+        self.edges += len(first)
+        if self._pending_edges >= self.merge_edges:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        first = self.labels[np.concatenate([edge[0] for edge in self._pending])]
+        second = self.labels[np.concatenate([edge[1] for edge in self._pending])]
+        self._pending, self._pending_edges = [], 0
+        joined = first != second
+        ends, local = np.unique(np.concatenate([first[joined], second[joined]]), return_inverse=True)
+        if not len(ends):
+            return
+        count = int(joined.sum())
+        graph = coo_matrix(
+            (np.ones(count, dtype=np.int8), (local[:count], local[count:])), shape=(len(ends), len(ends))
+        )
+        groups, group_of_end = connected_components(graph, directed=False)
+        smallest = np.full(groups, len(self.labels), dtype=np.int64)
+        np.minimum.at(smallest, group_of_end, ends)
+        relabel = np.arange(len(self.labels), dtype=np.int64)
+        relabel[ends] = smallest[group_of_end]
+        self.labels = relabel[self.labels]
+
+    def components(self) -> np.ndarray:
+        """Per node its component, numbered 0.. in the order of each component's smallest node."""
+        self._merge()
+        return np.unique(self.labels, return_inverse=True)[1]
 
 
 def _leaders_by_component(

@@ -2,8 +2,10 @@
 
 Every input file becomes a record: readable images are kept with their size and mime; unreadable
 files, non-images, corrupt or truncated images, decompression bombs and tiny images are rejected
-with a reason. The source is listed once per output identity into ``_listing/`` (one Parquet of item
-descriptors per shard), so a rerun cuts exactly the same shards and skips the committed ones.
+with a reason, and so are the inputs the source refuses (listed with a ``reject`` entry, or refused
+by its ``read``: special files, refused symlinks, duplicate tar members, damaged tars). The source is
+listed once per output identity into ``_listing/`` (one Parquet of item descriptors per shard), so a
+rerun cuts exactly the same shards and skips the committed ones.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filtering.config import IngestConfig
-from filtering.sources import Source, open_source
+from filtering.sources import InputRejected, Source, open_source
 from infu.config import InfuConfig
 from infu.images import BadImageError, probe_image
 from infu.manifest import open_step_output
@@ -49,8 +51,13 @@ class IngestStage(Stage):
         assert self.source is not None, "setup() first"
         captions = {"original": item["caption"]} if item.get("caption") else None
         record = new_record(self.config.source.dataset, item["source_path"], captions=captions)
+        refused = item.get("reject")
+        if refused:
+            return StageOutput(reject(record, refused["reason"], refused["detail"]))
         try:
             data = self.source.read(item)
+        except InputRejected as error:
+            return StageOutput(reject(record, error.reason, error.detail))
         except OSError as error:
             return StageOutput(reject(record, RejectReason.UNREADABLE, str(error)))
         record.update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))

@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 
-from infu.config import ConfigError, load_config_or_exit
+from infu.config import InfuConfig, load_config_or_exit
 from infu.model.cli import generate_command
-from infu.steps import StepError, configured_steps, registry
+from infu.raycluster import JobFailedError
+from infu.steps import configured_steps, ensure_run_dir, exit_on_error, registry
 
 # The temporary Prefect server `infu run` starts would report telemetry (and log an ERROR offline).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -35,13 +36,30 @@ def sample_corpus(out: Annotated[Path, typer.Argument(help="folder to write the 
     typer.echo(f"wrote {len(labels)} files, labels.jsonl and captions.jsonl to {out}")
 
 
+def check_before_starting(config: InfuConfig, steps: list[str]) -> None:
+    """Fail before Prefect or Ray start: every step has its section and, when one of them has work to
+    do, the run folder is writable and ``run.ray_address`` answers."""
+    from infu.lineage import completed_manifest
+    from infu.raycluster import probe_address
+
+    for name in steps:
+        config.step(name)
+    if all(completed_manifest(config, name) is not None for name in steps):
+        return
+    ensure_run_dir(config)
+    if config.run.ray_address:
+        probe_address(config.run.ray_address)
+
+
 def _add_step_command(name: str, help_text: str) -> None:
     def run_one(config: ConfigOption = Path("configs/embedded.yaml"), set_: SetOption = None) -> None:
         from flows.steps import ray_cluster, run_step
 
         run_config = load_config_or_exit(config, set_)
-        with ray_cluster(run_config) as (address, local):
-            run_step(run_config, name, address, local)
+        with exit_on_error(name, runtime_errors=(JobFailedError,)):
+            check_before_starting(run_config, [name])
+            with ray_cluster(run_config) as (address, local):
+                run_step(run_config, name, address, local)
         typer.echo(f"{name} output: {run_config.step_dir(name)}")
 
     run_one.__doc__ = (
@@ -62,15 +80,11 @@ def run(
 ) -> None:
     """Run the full-pipeline Prefect flow: every configured step as a Ray job (finished ones are skipped)."""
     run_config = load_config_or_exit(config, set_)
-    try:
-        for name in step or []:
-            run_config.step(name)
-    except (StepError, ConfigError) as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(2) from None
-    from flows.full_pipeline import full_pipeline
+    with exit_on_error("run", runtime_errors=(JobFailedError,)):
+        check_before_starting(run_config, step or configured_steps(run_config))
+        from flows.full_pipeline import full_pipeline
 
-    results = full_pipeline(config=str(config), overrides=set_ or [], steps=step or None)
+        results = full_pipeline(config=str(config), overrides=set_ or [], steps=step or None)
     typer.echo(json.dumps(results, indent=2))
     for name, result in results.items():
         typer.echo(f"{name} output: {result['output']}")

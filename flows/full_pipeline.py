@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.steps import ray_cluster, run_step
-from infu.config import load_config
+from infu.config import load_config, redact_secrets
 from infu.lineage import completed_manifest
 from infu.manifest import read_manifest
 from infu.steps import configured_steps
@@ -38,7 +38,9 @@ def full_pipeline(
     cluster = ray_cluster(run_config) if pending else nullcontext(("", False))
     with cluster as (address, local):
         where = (
-            f"to run on Ray at {address}: {', '.join(pending)}" if pending else "all complete, nothing to run"
+            f"to run on Ray at {redact_secrets(address)}: {', '.join(pending)}"
+            if pending
+            else "all complete, nothing to run"
         )
         print(f"steps {', '.join(selected)}; {where}")
         for step in selected:

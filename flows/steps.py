@@ -18,7 +18,7 @@ from pathlib import Path
 from infu.config import InfuConfig, dump_config
 from infu.lineage import completed_manifest, output_tag
 from infu.paths import write_atomic
-from infu.raycluster import LocalRay, run_job
+from infu.raycluster import LocalRay, probe_address, run_job
 from infu.steps import get_step
 
 
@@ -43,8 +43,10 @@ def submission_prefix(config: InfuConfig, step: str) -> str:
 
 @contextmanager
 def ray_cluster(config: InfuConfig) -> Iterator[tuple[str, bool]]:
-    """The job API address to use, and whether it is a local Ray this process started."""
+    """The job API address to use (a configured one must answer within seconds), and whether it is a
+    local Ray this process started."""
     if config.run.ray_address:
+        probe_address(config.run.ray_address)
         yield config.run.ray_address, False
         return
     with LocalRay() as local:

@@ -8,12 +8,13 @@ package. Unknown keys are rejected and every error names the offending key and v
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 from infu.face.config import FaceConfig
 from infu.model.config import ModelConfig
@@ -157,7 +158,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        parsed.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or "cannot be parsed"
+            raise ConfigError(
+                f"override {key.strip()}: value {raw!r} is not valid YAML ({problem})"
+            ) from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
@@ -174,25 +182,72 @@ def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> InfuConfig
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"invalid config {origin}:\n{_describe(error.errors())}") from None
+        raise ConfigError(f"invalid config {origin}:\n{redact_secrets(_describe(error.errors()))}") from None
+
+
+def _is_pinned(key: str, pinned: set[str]) -> bool:
+    return any(key == other or key.startswith(f"{other}.") for other in pinned)
+
+
+def _move_run_paths(node: Any, key: str, old: Path, new: Path, pinned: set[str]) -> Any:
+    """``node`` with every path inside ``old`` moved to the same place inside ``new``, except at keys
+    set on the command line (``pinned``)."""
+    if _is_pinned(key, pinned):
+        return node
+    if isinstance(node, Path):
+        return new / node.relative_to(old) if node.is_relative_to(old) else node
+    if not isinstance(node, BaseModel):
+        return node
+    update = {}
+    for name in type(node).model_fields:
+        value = getattr(node, name)
+        moved = _move_run_paths(value, f"{key}.{name}" if key else name, old, new, pinned)
+        if moved is not value:
+            update[name] = moved
+    return node.model_copy(update=update) if update else node
+
+
+def _file_run_dir(data: dict[str, Any]) -> Path | None:
+    """The run folder the config file itself names (its default when it names none)."""
+    run = data.get("run")
+    raw = run.get("run_dir") if isinstance(run, dict) else None
+    if raw is None:
+        raw = RunSettings.model_fields["run_dir"].default
+    try:
+        return TypeAdapter(ResolvedPath).validate_python(raw)
+    except ValidationError:
+        return None  # reported by the validation of the whole file
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> InfuConfig:
-    """Read a YAML run config, apply ``key=value`` overrides, validate."""
+    """Read a YAML run config, apply ``key=value`` overrides, validate.
+
+    Relative paths resolve against the working directory. Paths inside the file's ``run.run_dir``
+    belong to the run: when an override moves the run folder they move with it, unless they are
+    overridden too.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    file_run_dir = _file_run_dir(data)
+    pinned = set()
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
-    return config_from_dict(data, str(path))
+        pinned.add(key)
+    config = config_from_dict(data, str(path))
+    if file_run_dir is not None and file_run_dir != config.run.run_dir:
+        config = _move_run_paths(config, "", file_run_dir, config.run.run_dir, pinned | {"run.run_dir"})
+    return config
 
 
 def load_config_or_exit(path: str | Path, overrides: list[str] | None = None) -> InfuConfig:
@@ -204,6 +259,21 @@ def load_config_or_exit(path: str | Path, overrides: list[str] | None = None) ->
         raise SystemExit(2) from None
 
 
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s?#\"']*)@")
+
+
+def _redact_userinfo(match: re.Match[str]) -> str:
+    user, has_password, _ = match["userinfo"].partition(":")
+    return f"{match['scheme']}{user}:***@" if has_password else f"{match['scheme']}***@"
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``:
+    ``http://admin:S3cr3t@host:8265`` -> ``http://admin:***@host:8265``, ``https://TOKEN@host`` ->
+    ``https://***@host``."""
+    return _URL_USERINFO.sub(_redact_userinfo, text)
+
+
 def dump_config(config: InfuConfig) -> str:
-    """The effective config as YAML (what a job actually ran with)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The effective config as YAML (what a job actually ran with), credentials redacted."""
+    return redact_secrets(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -110,7 +110,7 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     if image.format == "JPEG":
         image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
     _load(image)
-    if orientation in _SWAPS_AXES:
+    if _orientation(image) in _SWAPS_AXES:  # a TIFF's load() turns it upright and drops the tag itself
         width, height = height, width
     return ImageInfo(width=width, height=height, mime=mime, mode=mode, orientation=orientation)
 

@@ -4,7 +4,9 @@ A step's **identity** is the hash of everything that determines its output: its 
 (execution ``resources`` excluded), the shared sections it reads, and the identities of the outputs it
 reads (upstream steps of this run, or an input folder named in its section). Changing an ingest setting
 changes the identity of ingest and of every step after it; changing only resources changes none; the
-run folder is not part of it (another ``run_dir`` is simply another, empty, output location).
+run folder is not part of it (another ``run_dir`` is simply another, empty, output location): paths
+inside it are hashed relative to it, so an identity depends on neither the run folder nor the working
+directory the run was started from.
 
 The output folder's manifest, not a job list, says whether a step is done: ``status: complete`` with
 the same identity.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,17 @@ from infu.steps import get_step
 def _digest(payload: Any) -> str:
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _run_relative(value: Any, run_dir: str) -> Any:
+    """``value`` (a JSON-like config dump) with paths inside ``run_dir`` written as ``$run_dir/...``."""
+    if isinstance(value, dict):
+        return {key: _run_relative(item, run_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_run_relative(item, run_dir) for item in value]
+    if isinstance(value, str) and (value == run_dir or value.startswith(run_dir + os.sep)):
+        return "$run_dir" + value[len(run_dir) :]
+    return value
 
 
 def _folder_identity(folder: Path) -> str | None:
@@ -57,7 +71,7 @@ def step_identity(config: InfuConfig, name: str) -> str:
         else:
             inputs[upstream] = {"folder": str(folder), "identity": _folder_identity(folder)}
     payload["inputs"] = inputs
-    return _digest(payload)
+    return _digest(_run_relative(payload, str(config.run.run_dir)))
 
 
 def output_tag(folder: Path) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 import infu
-from infu.config import InfuConfig, dump_config
+from infu.config import InfuConfig, dump_config, redact_secrets
 from infu.paths import write_atomic
 from infu.shards import STATS_SUFFIX, read_stats
 
@@ -89,9 +89,11 @@ def summarize(shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_manifest(out_dir: Path, **fields: Any) -> dict[str, Any]:
-    """Atomically (re)write the manifest; ``fields`` hold step, inputs, config, counts, timings..."""
+    """Atomically (re)write the manifest; ``fields`` hold step, inputs, config, counts, timings...
+    (credentials in URLs are written redacted)."""
     manifest = {"written_at": time.time(), "code": code_version(), **fields}
-    write_atomic(Path(out_dir) / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str).encode())
+    text = redact_secrets(json.dumps(manifest, indent=2, default=str))
+    write_atomic(Path(out_dir) / MANIFEST_NAME, text.encode())
     return manifest
 
 

@@ -1,28 +1,45 @@
 """Connecting to Ray and running a step as a Ray job.
 
 Embedded mode starts a local Ray (with its dashboard, which serves the job API) in the calling
-process; with a cluster address, jobs go through Ray's ``JobSubmissionClient``. Either way a step
-runs as ``python -m <package> <step> ...`` submitted as a job whose logs are streamed back; an attempt
-still running is followed rather than started again.
+process, listening on 127.0.0.1 only and requiring Ray's auth token (:func:`start_local_ray`); with a
+cluster address, jobs go through Ray's ``JobSubmissionClient``. Either way a step runs as ``python -m
+<package> <step> ...`` submitted as a job whose logs are streamed back; an attempt still running is
+followed rather than started again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
 import os
 import socket
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+LOOPBACK = "127.0.0.1"
+LOOPBACK_ADDRESSES = frozenset({LOOPBACK, "::1", "localhost"})
+_SINGLE_MACHINE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch: one machine, node IP 127.0.0.1
+
+log = logging.getLogger(__name__)
 
 
 class JobFailedError(RuntimeError):
     """A step's Ray job ended in FAILED or STOPPED, or timed out."""
+
+
+class RayUnreachableError(ConnectionError):
+    """A Ray dashboard address that does not answer."""
 
 
 def use_token_auth_if_present() -> None:
@@ -35,12 +52,54 @@ use_token_auth_if_present()
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to Ray once per process: a job's cluster (``RAY_ADDRESS``), ``address``, or a new local one."""
+    """Connect to Ray once per process: ``address``, a job's cluster (``RAY_ADDRESS``), or else a new
+    local Ray (:func:`start_local_ray`), never a cluster another process happens to run on this machine."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    else:
+        start_local_ray(include_dashboard=False, log_to_driver=True)
+
+
+def start_local_ray(**options: Any) -> Any:
+    """Start a new Ray on this machine that listens on 127.0.0.1 only and requires Ray's auth token;
+    returns ``ray.init``'s context. ``options`` go to ``ray.init``.
+
+    Ray binds its servers (GCS, raylet, workers, object manager, agents, metrics) to the node's IP, and
+    to every interface too unless that IP is loopback; ``ray.init`` swaps a loopback node IP for the
+    host's address unless Ray runs single-machine (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, its default
+    on macOS and Windows), which Ray reads once, when imported. So this sets it for this process (and
+    for a Ray imported already) and for the Ray processes it starts, which inherit the environment; a
+    node that came up on another address anyway is shut down (fail closed). To serve other machines,
+    start a cluster yourself (``ray start``) and set ``run.ray_address``.
+
+    Token auth: ``RAY_AUTH_MODE=token`` (Ray creates ``~/.ray/auth_token`` when missing) unless the
+    environment sets the mode; ``disabled`` there is honoured with a warning.
+    """
+    os.environ[_SINGLE_MACHINE_RAY] = "0"
+    if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"
+    # A Ray imported already read the mode then; left unset, ray.init of the Ray installed here turns
+    # token auth on itself for a new local Ray. The warning below says when it is off.
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # what the variable above sets, for a Ray imported earlier
+    context = ray.init(address="local", configure_logging=False, **options)
+    node_ip = context.address_info["node_ip_address"]
+    if node_ip not in LOOPBACK_ADDRESSES:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {node_ip}, not on loopback; it was shut down")
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        log.warning(
+            "the local Ray runs without token auth (RAY_AUTH_MODE=%s): any local user can submit jobs to it",
+            os.environ.get("RAY_AUTH_MODE"),
+        )
+    return context
 
 
 def free_port() -> int:
@@ -56,12 +115,8 @@ class LocalRay:
     dashboard_url: str = ""
 
     def start(self) -> str:
-        import ray
-
         port = free_port()
-        context = ray.init(
-            include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, configure_logging=False
-        )
+        context = start_local_ray(include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port)
         self.dashboard_url = f"http://{context.dashboard_url}"
         return self.dashboard_url
 
@@ -76,6 +131,35 @@ class LocalRay:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`RayUnreachableError` within about ``timeout_s`` unless a Ray dashboard answers at
+    ``address`` (its version, or Ray's token-auth refusal); schemes other than HTTP are left to Ray."""
+    from infu.config import redact_secrets
+
+    url = urllib.parse.urlsplit(address if "://" in address else f"http://{address}")
+    if url.scheme not in ("http", "https"):
+        return
+    request = urllib.request.Request(
+        url._replace(netloc=url.netloc.rpartition("@")[2], path="/api/version", query="").geturl()
+    )
+    if url.username is not None:
+        credentials = f"{urllib.parse.unquote(url.username)}:{urllib.parse.unquote(url.password or '')}"
+        request.add_header("Authorization", f"Basic {base64.b64encode(credentials.encode()).decode()}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            answer = json.loads(response.read())
+        if isinstance(answer, dict) and "ray_version" in answer:
+            return
+        problem = "the answer is not a Ray version"
+    except urllib.error.HTTPError as error:
+        if error.code == 401:  # Ray with token auth: reachable, the job client sends the token
+            return
+        problem = f"HTTP {error.code}, not a Ray dashboard"
+    except (OSError, ValueError) as error:  # refused, unknown host, timeout, bad URL or JSON
+        problem = str(getattr(error, "reason", error))
+    raise RayUnreachableError(f"no Ray dashboard at run.ray_address {redact_secrets(address)}: {problem}")
 
 
 def _client(address: str, attempts: int = 30):  # noqa: ANN202 - JobSubmissionClient, imported lazily

@@ -42,6 +42,12 @@ class RejectReason(StrEnum):
     DUPLICATE = "duplicate"
     HELD_OUT_IDENTITY = "held_out_identity"
     ASPECT_RATIO = "aspect_ratio"
+    NOT_REGULAR_FILE = "not_regular_file"
+    SYMLINK_LOOP = "symlink_loop"
+    SYMLINK_ESCAPE = "symlink_escape"
+    SYMLINK_NOT_FOLLOWED = "symlink_not_followed"
+    DUPLICATE_MEMBER = "duplicate_member"
+    BAD_TAR = "bad_tar"
 
 
 FACE_TYPE = pa.struct(
@@ -88,16 +94,29 @@ _MAP_COLUMNS = ("scores", "captions")
 
 
 def sample_key(dataset: str, source_path: str) -> str:
-    """Stable key of a sample: the same source file always gets the same key (no dots: webdataset-safe)."""
-    digest = hashlib.sha1(f"{dataset}/{source_path}".encode()).hexdigest()[:20]
+    """Stable key of a sample: the same source file always gets the same key (no dots: webdataset-safe).
+
+    An undecodable file name (its bytes kept as surrogate escapes, as ``os`` and ``tarfile`` give them)
+    is keyed by its raw bytes.
+    """
+    digest = hashlib.sha1(f"{dataset}/{source_path}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return f"{dataset}-{digest}"
+
+
+def escape_undecodable(text: str) -> str:
+    """``text`` (a file name, or a message naming one) as valid UTF-8: the bytes of a name that is not
+    UTF-8 (surrogate escapes) are written ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def new_record(dataset: str, source_path: str, **values: Any) -> dict[str, Any]:
     """A record with every schema column present (unset ones are None), status ``ok`` by default."""
     record: dict[str, Any] = dict.fromkeys(SAMPLE_SCHEMA.names)
     record.update(
-        key=sample_key(dataset, source_path), dataset=dataset, source_path=source_path, status=Status.OK.value
+        key=sample_key(dataset, source_path),
+        dataset=dataset,
+        source_path=escape_undecodable(source_path),
+        status=Status.OK.value,
     )
     unknown = set(values) - set(SAMPLE_SCHEMA.names)
     if unknown:
@@ -110,7 +129,9 @@ def reject(record: dict[str, Any], reason: RejectReason | str, detail: str | Non
     """Mark a record rejected (the first reason wins: later checks never overwrite it)."""
     if record["status"] != Status.REJECTED:
         record.update(
-            status=Status.REJECTED.value, reject_reason=RejectReason(reason).value, reject_detail=detail
+            status=Status.REJECTED.value,
+            reject_reason=RejectReason(reason).value,
+            reject_detail=detail and escape_undecodable(detail),
         )
     return record
 

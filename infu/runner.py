@@ -7,8 +7,9 @@ img2dataset and NeMo Curator) into output shards with one Ray Data pipeline:
 2. ``read_task`` (Ray tasks) turns each reference into its items, cut into chunks of
    ``resources.batch_size``;
 3. each :class:`Stage` is its own operator: an actor pool with its own declared resources, so a GPU
-   model stage never waits on a CPU decoding stage. ``setup()`` runs once per worker for the whole
-   phase, ``process()`` may emit zero, one or many outputs per item (``one_to_one`` opts into a check),
+   model stage never waits on a CPU decoding stage (consecutive stages with equal resources, e.g. decode
+   and score on a CPU-only node, are fused into one operator). ``setup()`` runs once per worker for the
+   whole phase, ``process()`` may emit zero, one or many outputs per item (``one_to_one`` opts into a check),
    ``teardown()`` runs when the pool shuts down;
 4. the last stage writes each chunk's outputs as a part file; when every chunk of a shard has arrived,
    a committer actor (one per 8 workers of a stage) merges the parts into the shard and commits it
@@ -43,7 +44,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from infu.config import Resources
 from infu.paths import write_atomic
 from infu.raycluster import ensure_ray
-from infu.shards import TMP_DIR, ShardWriter, clean_uncommitted, committed_shards
+from infu.shards import TMP_DIR, ShardWriter, clean_uncommitted, committed_shards, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -169,32 +170,40 @@ def _read_chunks(
 
 
 class _StageWorker:
-    """A Ray actor running one stage over chunks; the last stage of a phase writes each chunk as a part."""
+    """A Ray actor running one operator (one stage, or several fused) over chunks; the last operator of a
+    phase writes each chunk as a part."""
 
-    def __init__(self, ref: StageRef, retries: int, parts_root: str | None):
-        self.stage = ref.build()
-        self.stage.setup()
+    def __init__(self, refs: list[StageRef], retries: int, parts_root: str | None):
+        self.stages = [ref.build() for ref in refs]
+        for built in self.stages:
+            built.setup()
         self.retries = retries
         self.parts_root = Path(parts_root) if parts_root else None
+
+    def _process(self, stage_: Stage, items: list[Any], row: dict[str, Any]) -> tuple[list[Any] | None, str]:
+        """``stage_``'s outputs for a chunk, retried; ``(None, error)`` when every attempt failed."""
+        error = ""
+        for attempt in range(self.retries + 1):
+            try:
+                outputs = stage_.process(items)
+                if stage_.one_to_one and len(outputs) != len(items):
+                    raise RuntimeError(f"returned {len(outputs)} outputs for {len(items)} items")
+                return outputs, ""
+            except Exception as exc:  # noqa: BLE001 - retried, then recorded as the shard's failure
+                error = f"{stage_.name}: {type(exc).__name__}: {exc}"
+                log.warning(
+                    "shard %s chunk %d, attempt %d: %s", row["shard"], row["chunk"], attempt + 1, error
+                )
+        return None, error
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         if row["error"]:
             return row
-        items = pickle.loads(row["payload"])
-        error = ""
-        for attempt in range(self.retries + 1):
-            try:
-                outputs = self.stage.process(items)
-                if self.stage.one_to_one and len(outputs) != len(items):
-                    raise RuntimeError(f"returned {len(outputs)} outputs for {len(items)} items")
-                break
-            except Exception as exc:  # noqa: BLE001 - retried, then recorded as the shard's failure
-                error = f"{self.stage.name}: {type(exc).__name__}: {exc}"
-                log.warning(
-                    "shard %s chunk %d, attempt %d: %s", row["shard"], row["chunk"], attempt + 1, error
-                )
-        else:
-            return {**row, "payload": b"", "error": error}
+        outputs = pickle.loads(row["payload"])
+        for stage_ in self.stages:
+            outputs, error = self._process(stage_, outputs, row)
+            if outputs is None:
+                return {**row, "payload": b"", "error": error}
         if self.parts_root is None:
             return {**row, "payload": pickle.dumps(outputs)}
         part = _parts_dir(self.parts_root, row["shard"]) / f"{row['chunk']:06d}.pkl"
@@ -203,14 +212,21 @@ class _StageWorker:
         return {**row, "payload": b"", "kept": len(outputs)}
 
     def __del__(self) -> None:
-        self.stage.teardown()
+        for built in self.stages:
+            built.teardown()
 
 
 def commit_parts(
     out_dir: Path, shard: str, chunks: int, extra_stats: dict[str, Any], with_images: bool
 ) -> dict[str, Any]:
-    """Merge a shard's part files, in chunk order, into one atomically committed shard; returns its stats."""
+    """Merge a shard's part files, in chunk order, into one atomically committed shard; returns its stats.
+
+    Safe to retry: only pending shards are committed, so stats already in place were written (last) by an
+    attempt that died before answering; they stand, and what it left of the parts is removed."""
     parts = _parts_dir(out_dir, shard)
+    if stats_path(out_dir, shard).exists():
+        shutil.rmtree(parts, ignore_errors=True)
+        return json.loads(stats_path(out_dir, shard).read_text())
     with ShardWriter(out_dir, shard, extra_stats, with_images) as writer:
         for chunk in range(chunks):
             with open(parts / f"{chunk:06d}.pkl", "rb") as handle:
@@ -223,7 +239,8 @@ def commit_parts(
 
 
 class _Committer:
-    """A Ray actor that commits shards (one long-lived process, not a new worker per shard)."""
+    """A Ray actor that commits shards (one long-lived process, not a new worker per shard); restarted and
+    its commit retried when its process dies."""
 
     def commit(self, *args: Any) -> dict[str, Any]:
         return commit_parts(*args)
@@ -276,17 +293,30 @@ class _Progress:
         print(f"{self.label}: shard {shard} FAILED: {error}", flush=True)
 
 
-def _stage_resources(ref: StageRef, resources: Resources) -> dict[str, Any]:
+def _stage_resources(ref: StageRef, resources: Resources) -> tuple[int, float, float]:
+    """Workers, CPUs and GPUs per worker of one stage (``resources.stages.<name>`` overrides the step's;
+    only ``uses_gpu`` stages reserve the step's GPUs)."""
     override = resources.stages.get(ref.cls.name)
     concurrency = override.concurrency if override and override.concurrency else resources.concurrency
     num_cpus = override.num_cpus if override and override.num_cpus else resources.num_cpus
     num_gpus = resources.num_gpus if ref.cls.uses_gpu else 0.0
     if override and override.num_gpus is not None:
         num_gpus = override.num_gpus
-    import ray.data
+    return concurrency, num_cpus, num_gpus
 
-    pool = ray.data.ActorPoolStrategy(size=concurrency)
-    return {"compute": pool, "num_cpus": num_cpus, "num_gpus": num_gpus}
+
+def fused_operators(stages: Sequence[StageRef], resources: Resources) -> list[tuple[list[StageRef], tuple]]:
+    """The phase's operators: runs of consecutive stages with equal resources become one operator (its
+    actors run them in turn, with nothing serialised between them, as Ray Data fuses maps), with the
+    resources of its stages."""
+    operators: list[tuple[list[StageRef], tuple]] = []
+    for ref in stages:
+        wanted = _stage_resources(ref, resources)
+        if operators and operators[-1][1] == wanted:
+            operators[-1][0].append(ref)
+        else:
+            operators.append(([ref], wanted))
+    return operators
 
 
 def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.data.Dataset
@@ -299,16 +329,19 @@ def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.dat
         compute=ray.data.TaskPoolStrategy(size=READERS),
         num_cpus=0.1,
     )
-    for index, ref in enumerate(phase.stages):
-        last = index == len(phase.stages) - 1
+    operators = fused_operators(phase.stages, phase.resources)
+    for index, (refs, (concurrency, num_cpus, num_gpus)) in enumerate(operators):
+        last = index == len(operators) - 1
         dataset = dataset.map(
             _StageWorker,
             fn_constructor_kwargs={
-                "ref": ref,
+                "refs": refs,
                 "retries": phase.resources.retries,
                 "parts_root": str(phase.out_dir) if last else None,
             },
-            **_stage_resources(ref, phase.resources),
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
         )
     return dataset
 
@@ -336,7 +369,7 @@ def run_phase(phase: Phase) -> PhaseResult:
             ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts shards instead
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
             committers = [
-                ray.remote(num_cpus=0)(_Committer).remote()
+                ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Committer).remote()
                 for _ in range(max(1, phase.resources.concurrency // 8))
             ]
             arrived: Counter[str] = Counter()

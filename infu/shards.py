@@ -188,10 +188,14 @@ class TarReader:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.members: dict[str, tuple[int, int]] = {}
         with tarfile.open(self.path, "r:") as tar:
-            self.members = {
-                member.name: (member.offset_data, member.size) for member in tar if member.isfile()
-            }
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.name in self.members:  # which of the two a record means is unknowable
+                    raise ValueError(f"{self.path} has two members named {member.name}")
+                self.members[member.name] = (member.offset_data, member.size)
 
     def read(self, name: str) -> bytes:
         offset, size = self.members[name]
@@ -210,7 +214,8 @@ class Sample:
 
 
 def iter_tar(path: Path) -> Iterator[Sample]:
-    """Samples of one shard tar, in write order (streams: one sample in memory at a time)."""
+    """Samples of one shard tar, in write order (streams: one sample in memory at a time); two samples
+    written under one key come back as two samples, each with its own bytes."""
     with tarfile.open(path, "r|") as tar:
         members: dict[str, bytes] = {}
         current = None
@@ -218,7 +223,7 @@ def iter_tar(path: Path) -> Iterator[Sample]:
             if not member.isfile():
                 continue
             key, _, extension = member.name.partition(".")
-            if current is not None and key != current:
+            if current is not None and (key != current or extension in members):
                 yield _sample(members)
                 members = {}
             current = key

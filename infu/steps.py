@@ -18,10 +18,13 @@ import functools
 import importlib
 import json
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import BaseModel
@@ -106,6 +109,41 @@ def configured_steps(config: Any) -> list[str]:
     return [name for name in registry() if config.has_step(name)]
 
 
+def ensure_run_dir(config: Any) -> None:
+    """Create ``run.run_dir`` and check that files can be written in it; a :class:`StepError` names it
+    otherwise."""
+    run_dir = config.run.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StepError(f"run.run_dir {run_dir} is a file, not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise StepError(f"run.run_dir {run_dir} is not writable ({error.strerror or error})") from None
+
+
+@contextmanager
+def exit_on_error(prefix: str, runtime_errors: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """End a command with one line on stderr (credentials redacted), no traceback: status 2 for a config
+    or usage error (:class:`StepError`, ``ConfigError``), 1 for a runtime one (``OSError``,
+    ``runtime_errors``)."""
+    from infu.config import ConfigError, redact_secrets
+
+    def fail(message: object, status: int) -> NoReturn:
+        print(redact_secrets(f"{prefix}: {message}"), file=sys.stderr)
+        raise SystemExit(status) from None
+
+    try:
+        yield
+    except (StepError, ConfigError) as error:
+        fail(error, 2)
+    except OSError as error:
+        fail(f"{error.strerror}: {error.filename}" if error.strerror and error.filename else error, 1)
+    except runtime_errors as error:
+        fail(error, 1)
+
+
 def run_step_here(config: Any, name: str) -> dict[str, Any]:
     """Run step ``name`` in this process (inside its Ray job) unless its output is complete already."""
     from infu.lineage import completed_manifest
@@ -115,12 +153,13 @@ def run_step_here(config: Any, name: str) -> dict[str, Any]:
         identity = manifest["identity"][:12]
         print(f"{name}: {config.step_dir(name)} is complete for identity {identity}; nothing to do")
         return manifest
+    ensure_run_dir(config)
     return get_step(name).runner()(config)
 
 
 def job_app(package: str) -> typer.Typer:
     """The ``python -m <package>`` command line: one command per step the package registers."""
-    from infu.config import ConfigError, load_config_or_exit
+    from infu.config import load_config_or_exit
 
     specs = [spec for spec in registry().values() if spec.package == package]
     app = typer.Typer(
@@ -137,11 +176,8 @@ def job_app(package: str) -> typer.Typer:
             ] = None,
         ) -> None:
             run_config = load_config_or_exit(config, set_)
-            try:
+            with exit_on_error(spec.name):
                 manifest = run_step_here(run_config, spec.name)
-            except (StepError, ConfigError) as error:
-                print(f"{spec.name}: {error}", file=sys.stderr)
-                raise SystemExit(2) from None
             summary = {"output": str(run_config.step_dir(spec.name)), "counts": manifest.get("counts")}
             typer.echo(json.dumps(summary))
             failed = manifest.get("failed_shards") or {}

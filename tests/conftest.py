@@ -55,11 +55,14 @@ def kill_step_job_midway(step: str, config: Path, overrides: list[str], shards_d
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """An in-process local Ray for one test module (any earlier connection is dropped first)."""
+    """An in-process local Ray for one test module, started as the project starts it (loopback, token
+    auth; never another process's cluster); any earlier connection is dropped first."""
     import ray
 
+    from infu.raycluster import start_local_ray
+
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    start_local_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

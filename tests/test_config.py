@@ -78,11 +78,61 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(CONFIGS / "embedded.yaml", ["shard_size"])
 
 
-def test_relative_paths_resolve_against_the_loading_directory(tmp_path, monkeypatch):
+def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = load_config(CONFIGS / "embedded.yaml")
+    config = load_config(CONFIGS / "embedded.yaml", ["filter.held_out_identities=people"])
     assert config.run.run_dir == tmp_path / "runs" / "embedded"
     assert config.ingest.source.path == tmp_path / "runs" / "embedded" / "sample_corpus"
+    assert config.filter.held_out_identities == tmp_path / "people"
+
+
+def test_paths_inside_the_run_folder_move_with_it(tmp_path):
+    moved = load_config(CONFIGS / "embedded.yaml", [f"run.run_dir={tmp_path / 'run'}"])
+    assert moved.ingest.source.path == tmp_path / "run" / "sample_corpus"
+    assert moved.face == load_config(CONFIGS / "embedded.yaml").face
+    pinned = load_config(
+        CONFIGS / "embedded.yaml",
+        [f"run.run_dir={tmp_path / 'run'}", f"ingest.source.path={tmp_path / 'corpus'}"],
+    )
+    assert pinned.ingest.source.path == tmp_path / "corpus"
+    inside = load_config(CONFIGS / "embedded.yaml", ["run.run_dir=runs/embedded/inner"])
+    assert inside.run.run_dir == Path.cwd() / "runs" / "embedded" / "inner"
+    assert inside.ingest.source.path == inside.run.run_dir / "sample_corpus"
+
+
+def test_identities_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    from_root = load_config(CONFIGS / "embedded.yaml")
+    monkeypatch.chdir(tmp_path)
+    elsewhere = load_config(CONFIGS / "embedded.yaml")
+    assert elsewhere.ingest.source.path != from_root.ingest.source.path
+    for step in ("ingest", "filter"):
+        assert elsewhere.step_hash(step) == from_root.step_hash(step)
+
+
+@pytest.mark.parametrize("value", ["[1", "{a: 1", "'open", "a: b: c"])
+def test_an_override_that_is_not_yaml_names_its_key(value):
+    with pytest.raises(ConfigError, match=r"override ingest\.shard_size: value .* is not valid YAML"):
+        load_config(CONFIGS / "embedded.yaml", [f"ingest.shard_size={value}"])
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"run:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml is not UTF-8 text \(byte 16"):
+        load_config(path)
+
+
+def test_credentials_are_redacted_in_dumps_and_errors():
+    from infu.config import dump_config, redact_secrets
+
+    secret = "http://admin:S3cr3t@127.0.0.1:8265"
+    config = load_config(CONFIGS / "embedded.yaml", [f"run.ray_address={secret}"])
+    assert config.run.ray_address == secret
+    assert "S3cr3t" not in dump_config(config) and "http://admin:***@127.0.0.1:8265" in dump_config(config)
+    assert redact_secrets("https://TOKEN@host/x http://h:1/a@b") == "https://***@host/x http://h:1/a@b"
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "embedded.yaml", [f"run.ray_adress={secret}"])
+    assert "S3cr3t" not in str(error.value) and "admin:***@" in str(error.value)
 
 
 def test_sections_come_from_the_step_registry(tmp_path):

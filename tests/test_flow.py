@@ -6,8 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
@@ -76,26 +78,56 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
 
 @pytest.fixture()
 def ray_head():
-    """A `ray start --head` cluster on free ports, stopped afterwards."""
+    """A `ray start --head` cluster on free ports with its own temp dir, stopped afterwards: only its own
+    processes (`ray stop` would stop every Ray on the machine, a developer's included)."""
     ray.shutdown()
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths live in it
     started = run(
         [
             str(BIN / "ray"),
             "start",
             "--head",
             "--node-ip-address=127.0.0.1",
-            f"--port={free_port()}",
+            f"--port={gcs}",
             f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1",
             "--num-cpus=2",
             "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
         ],
         timeout=120,
     )
     assert started.returncode == 0, started.stderr[-3000:]
     yield f"http://127.0.0.1:{dashboard}"
-    run([str(BIN / "ray"), "stop", "--force"], timeout=120)
+    stop_processes_mentioning(temp_dir, f":{gcs}")  # the client server names only the GCS address
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_processes_mentioning(*markers: str) -> None:
+    """SIGTERM (then SIGKILL) the processes whose command line contains one of ``markers``, and their
+    descendants (Ray workers retitle themselves ``ray::...``, but are children of the raylet)."""
+    roots = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if process.pid != os.getpid()
+        and any(marker in " ".join(process.info["cmdline"] or []) for marker in markers)
+    ]
+    processes = {*roots}
+    for root in roots:
+        try:
+            processes.update(root.children(recursive=True))
+        except psutil.NoSuchProcess:
+            continue
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=20)
+    for process in alive:
+        process.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 def submit_step(ray_head: str, step: str, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

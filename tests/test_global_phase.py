@@ -4,18 +4,27 @@ layout and of Ray, per-shard decision files, and recall on planted duplicates an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from filtering import global_phase
 from filtering.config import FilterThresholds
 from filtering.dedup import find_duplicates
-from filtering.global_phase import DECISION_SCHEMA, DECISIONS, compute_global_decisions
+from filtering.global_phase import (
+    DECISION_SCHEMA,
+    DECISIONS,
+    StreamingComponents,
+    compute_global_decisions,
+)
 from filtering.identity import cluster_identities
+from infu.raycluster import start_local_ray
 from infu.records import RejectReason, Status, new_record
 from infu.shards import ShardWriter
 
@@ -186,12 +195,19 @@ def planted(tmp_path_factory) -> tuple[list[dict], dict[str, int], Path]:
     return records, identities, scored
 
 
+@pytest.fixture(scope="module")
+def planted_decisions(planted, tmp_path_factory) -> tuple[dict[str, Any], Path]:
+    """The global phase over ``planted`` in this process (no Ray): its stats and output folder."""
+    out = tmp_path_factory.mktemp("planted_local")
+    return compute_global_decisions(planted[2], out, RULES), out
+
+
 @pytest.mark.slow  # ~1-2 min on 2 cores: trains the compressed index
-def test_planted_duplicates_and_identities_are_recovered(planted, tmp_path):
-    records, identities, scored = planted
-    stats = compute_global_decisions(scored, tmp_path, RULES)
+def test_planted_duplicates_and_identities_are_recovered(planted, planted_decisions):
+    records, identities, _ = planted
+    stats, out = planted_decisions
     assert stats["identity_index"]["pq_subquantizers"] > 0 and stats["faces"] > global_phase.EXHAUSTIVE_FACES
-    found = read_decisions(tmp_path)
+    found = read_decisions(out)
     expected = reference_decisions(records, RULES)
     expected_duplicates = {key for key, (reason, *_) in expected.items() if reason}
     found_duplicates = {key for key, (reason, *_) in found.items() if reason}
@@ -217,16 +233,27 @@ def pair_recall_and_purity(truth: dict[str, int], clusters: dict[str, str | None
     return together / pairs(people, datasets), together / pairs(cluster_ids)
 
 
-@pytest.mark.slow  # starts Ray and runs the compressed path twice
-def test_ray_gives_the_same_decisions(planted, tmp_path):
-    _, _, scored = planted
-    (tmp_path / "local").mkdir()
-    (tmp_path / "ray").mkdir()
-    compute_global_decisions(scored, tmp_path / "local", RULES)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+@pytest.mark.slow  # starts Ray and runs the compressed path
+def test_ray_gives_the_same_decisions(planted, planted_decisions, tmp_path):
+    start_local_ray(num_cpus=2, include_dashboard=False)
     try:
-        stats = compute_global_decisions(scored, tmp_path / "ray", RULES)
+        stats = compute_global_decisions(planted[2], tmp_path, RULES)
     finally:
         ray.shutdown()
     assert stats["faces"] > global_phase.EXHAUSTIVE_FACES
-    assert read_decisions(tmp_path / "ray") == read_decisions(tmp_path / "local")
+    assert read_decisions(tmp_path) == read_decisions(planted_decisions[1])
+
+
+@pytest.mark.parametrize("merge_edges", [1, 7, 10_000])
+def test_streaming_components_equal_scipy_on_the_whole_graph(merge_edges):
+    rng = np.random.default_rng(3)
+    nodes, edges = 2_000, 1_500
+    first, second = rng.integers(0, nodes, size=(2, edges))
+    expected = connected_components(
+        coo_matrix((np.ones(edges), (first, second)), shape=(nodes, nodes)), directed=False
+    )[1]
+    graph = StreamingComponents(nodes, merge_edges=merge_edges)
+    for start in range(0, edges, 37):
+        graph.add(first[start : start + 37], second[start : start + 37])
+    assert graph.edges == edges
+    np.testing.assert_array_equal(graph.components(), expected)

@@ -66,7 +66,7 @@ def cli() -> typer.Typer:
 
 
 def test_generate_writes_a_png_on_cpu_quickly(astronaut, config_file, tmp_path):
-    out = tmp_path / "out" / "portrait.png"
+    out = tmp_path / "portrait.png"
     started = time.perf_counter()
     generate_command(
         id_image=[astronaut], prompt="an astronaut on the moon", out=out, config=config_file, seed=1, steps=2
@@ -129,3 +129,27 @@ def test_bad_inputs_exit_2(astronaut, config_file, tmp_path):
         result = invoke(args)
         assert result.exit_code == 2, result.output
         assert message in result.output
+
+
+def test_sizes_and_out_are_checked_before_generating(astronaut, config_file, tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("generate() ran although the request is invalid")
+
+    monkeypatch.setattr("infu.model.cli.generate", must_not_run)
+    base = ["generate", "--prompt", "x", "--id-image", astronaut, "--config", str(config_file)]
+    out = ["--out", str(tmp_path / "x.png")]
+    big_config = tmp_path / "big.yaml"
+    big = {**EMBEDDED_MODEL, "inference": {**EMBEDDED_MODEL["inference"], "width": 8192}}
+    big_config.write_text(yaml.safe_dump({"face": {"backend": "dlib"}, "model": big}))
+    cases = [
+        ([*base, *out, "--width", "65536", "--height", "65536"], "--width/--height", "must be at most 4096"),
+        ([*base, *out, "--height", "4112"], "--width/--height", "96x4112"),
+        ([*base, *out, "--config", str(big_config)], "--width/--height", "8192x128"),
+        ([*base, "--out", str(tmp_path)], "--out", "is a folder"),
+        ([*base, "--out", str(tmp_path / "missing" / "x.png")], "--out", "does not exist"),
+    ]
+    for args, hint, message in cases:
+        result = invoke(args)
+        assert result.exit_code == 2, result.output
+        assert hint in result.output and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.png").exists()

@@ -11,9 +11,19 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from infu.config import Resources
+from infu.config import Resources, StageResources
 from infu.records import new_record
-from infu.runner import REDUCE_MARKER, Phase, ShardTask, Stage, StageOutput, run_phase, run_reduce, stage
+from infu.runner import (
+    REDUCE_MARKER,
+    Phase,
+    ShardTask,
+    Stage,
+    StageOutput,
+    fused_operators,
+    run_phase,
+    run_reduce,
+    stage,
+)
 from infu.shards import TMP_DIR, committed_shards, read_records, read_stats
 
 from . import fanout_job
@@ -60,14 +70,14 @@ class TeardownStage(RecordStage):
         Path(self.marker).write_text("torn down")
 
 
-def phase(out: Path, *stages, tasks=None, retries: int = 0) -> Phase:
+def phase(out: Path, *stages, tasks=None, retries: int = 0, **overrides: StageResources) -> Phase:
     return Phase(
         label="test",
         out_dir=out,
         tasks=tasks or [ShardTask(f"{index:06d}", {"start": index * 4}) for index in range(3)],
         read_task=number_records,
         stages=list(stages),
-        resources=Resources(concurrency=1, num_cpus=0.5, batch_size=2, retries=retries),
+        resources=Resources(concurrency=1, num_cpus=0.5, batch_size=2, retries=retries, stages=overrides),
         with_images=False,
     )
 
@@ -114,10 +124,32 @@ def test_unreadable_input_and_broken_one_to_one_fail_only_their_shard(local_ray,
 def test_fan_out_keeps_chunk_order_and_teardown_runs(local_ray, tmp_path):
     marker = tmp_path / "teardown"
     result = run_phase(
-        phase(tmp_path / "out", stage(fanout_job.PrepareStage), stage(TeardownStage, marker=str(marker)))
+        phase(
+            tmp_path / "out",
+            stage(fanout_job.PrepareStage),
+            stage(TeardownStage, marker=str(marker)),
+            prepare=StageResources(num_cpus=0.25),  # two operators: items travel between actors
+        )
     )
     assert result.written == 3
     assert marker.read_text() == "torn down"
+
+
+def test_stages_with_equal_resources_fuse_into_one_operator():
+    class Model(RecordStage):
+        name, uses_gpu = "model", True
+
+    chain = [stage(fanout_job.PrepareStage), stage(RecordStage), stage(Model), stage(RecordStage)]
+    on_cpus = Resources(concurrency=2, num_cpus=1)
+    assert [len(refs) for refs, _ in fused_operators(chain, on_cpus)] == [4]
+    on_gpus = Resources(concurrency=2, num_cpus=1, num_gpus=1)
+    assert [(len(refs), wanted) for refs, wanted in fused_operators(chain, on_gpus)] == [
+        (2, (2, 1, 0.0)),
+        (1, (2, 1, 1)),
+        (1, (2, 1, 0.0)),
+    ]
+    split = on_cpus.model_copy(update={"stages": {"prepare": StageResources(concurrency=4)}})
+    assert [len(refs) for refs, _ in fused_operators(chain, split)] == [1, 3]
 
 
 def test_reduce_is_built_once_per_identity(tmp_path):

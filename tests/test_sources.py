@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 
 import pytest
 import webdataset as wds
 
 from filtering.config import SourceConfig
-from filtering.sources import SourceError, open_source
+from filtering.sources import InputRejected, SourceError, open_source
 from infu.images import BadImageError, decode_image, probe_image
 from infu.sample_corpus import build_sample_corpus, corpus_digest, read_labels
 
@@ -130,9 +129,57 @@ def test_webdataset_source_reads_members_by_offset_with_captions(corpus, tmp_pat
     assert source.describe()["ignored_files"] == {"cls": 1}
 
 
-def test_webdataset_source_rejects_compressed_or_missing_tars(tmp_path):
+def test_webdataset_source_errors_without_tars_and_rejects_a_compressed_one(tmp_path):
     with pytest.raises(SourceError, match="no .tar files"):
         list(open_source(SourceConfig(kind="webdataset", path=tmp_path, dataset="d")).iter_items())
-    (tmp_path / "x.tar").write_bytes(io.BytesIO(b"\x1f\x8b not a tar").getvalue())
-    with pytest.raises(SourceError, match="not an uncompressed tar"):
-        list(open_source(SourceConfig(kind="webdataset", path=tmp_path, dataset="d")).iter_items())
+    (tmp_path / "x.tar").write_bytes(b"\x1f\x8b not a tar")
+    (item,) = open_source(SourceConfig(kind="webdataset", path=tmp_path, dataset="d")).iter_items()
+    assert item["source_path"] == "x.tar"
+    assert item["reject"]["reason"] == "bad_tar"
+    assert "cannot be read as an uncompressed tar" in item["reject"]["detail"]
+
+
+def test_folder_symlinks_follow_the_configured_policy(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    (root / "real" / "a.jpg").write_bytes(b"inside")
+    (outside / "s.jpg").write_bytes(b"outside")
+    (root / "in.jpg").symlink_to("real/a.jpg")
+    (root / "out.jpg").symlink_to(outside / "s.jpg")
+    (root / "linked").symlink_to("real")
+    (root / "away").symlink_to(outside)
+
+    def outcomes(policy):
+        source = open_source(SourceConfig(kind="folder", path=root, dataset="d", symlinks=policy))
+        result = {}
+        for item in source.iter_items():
+            try:
+                result[item["source_path"]] = (
+                    item["reject"]["reason"] if "reject" in item else source.read(item)
+                )
+            except InputRejected as error:
+                result[item["source_path"]] = error.reason
+        return result
+
+    assert outcomes("inside") == {
+        "in.jpg": b"inside",
+        "out.jpg": "symlink_escape",
+        "away": "symlink_escape",
+        "linked/a.jpg": b"inside",
+        "real/a.jpg": b"inside",
+    }
+    assert outcomes("never") == {
+        "in.jpg": "symlink_not_followed",
+        "out.jpg": "symlink_not_followed",
+        "away": "symlink_not_followed",
+        "linked": "symlink_not_followed",
+        "real/a.jpg": b"inside",
+    }
+    assert outcomes("follow") == {
+        "in.jpg": b"inside",
+        "out.jpg": b"outside",
+        "away/s.jpg": b"outside",
+        "linked/a.jpg": b"inside",
+        "real/a.jpg": b"inside",
+    }

@@ -11,6 +11,9 @@ import typer
 from infu.config import ConfigError, InfuConfig, load_config
 from infu.face import BadImageError, NoFaceError, load_face_analyzer
 
+MAX_IMAGE_SIDE = 4096
+"""Largest width or height ``infu generate`` accepts (FLUX.1 works up to about 2 megapixels)."""
+
 
 def generate(
     config: InfuConfig,
@@ -21,7 +24,8 @@ def generate(
     seed: int = 42,
     id_weights: Sequence[float] | None = None,
 ) -> Path:
-    """Generate one image with ``config.model`` (its inference settings) and write it as PNG to ``out``.
+    """Generate one image with ``config.model`` (its inference settings) and write it as PNG to ``out``
+    (in an existing folder).
 
     The photos are checked (faces found, identities mixed, control drawn) before any model loads.
     """
@@ -43,9 +47,23 @@ def generate(
     image = pipeline(
         prompt, id_embedding=embedding, control_image=control, generator=torch.Generator().manual_seed(seed)
     ).images[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
     return out
+
+
+def _check_request(config: InfuConfig, out: Path) -> None:
+    """Refuse, before anything loads, an image size beyond :data:`MAX_IMAGE_SIDE` and an ``out`` that is
+    a folder or whose folder does not exist."""
+    inference = config.model.inference
+    if max(inference.width, inference.height) > MAX_IMAGE_SIDE:
+        raise typer.BadParameter(
+            f"{inference.width}x{inference.height}: width and height must be at most {MAX_IMAGE_SIDE}",
+            param_hint="--width/--height",
+        )
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; give the path of the PNG to write", param_hint="--out")
+    if not out.parent.is_dir():
+        raise typer.BadParameter(f"folder {out.parent} does not exist", param_hint="--out")
 
 
 def _image_hint(error: NoFaceError | BadImageError, control_image: Path | None) -> str:
@@ -61,7 +79,7 @@ def generate_command(
         ),
     ],
     prompt: Annotated[str, typer.Option(help="what to generate")],
-    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("generated.png"),
+    out: Annotated[Path, typer.Option(help="PNG to write (its folder must exist)")] = Path("generated.png"),
     control_image: Annotated[
         Path | None,
         typer.Option(
@@ -73,8 +91,14 @@ def generate_command(
     config: Annotated[Path, typer.Option(help="run config YAML")] = Path("configs/embedded.yaml"),
     seed: Annotated[int, typer.Option(help="noise seed (a torch.Generator)")] = 42,
     steps: Annotated[int | None, typer.Option(min=1, help="denoising steps (default: config)")] = None,
-    width: Annotated[int | None, typer.Option(min=16, help="image width (default: config)")] = None,
-    height: Annotated[int | None, typer.Option(min=16, help="image height (default: config)")] = None,
+    width: Annotated[
+        int | None,
+        typer.Option(min=16, help=f"image width, a multiple of 16 up to {MAX_IMAGE_SIDE} (default: config)"),
+    ] = None,
+    height: Annotated[
+        int | None,
+        typer.Option(min=16, help=f"image height, a multiple of 16 up to {MAX_IMAGE_SIDE} (default: config)"),
+    ] = None,
     id_weights: Annotated[
         list[float] | None,
         typer.Option("--id-weight", help="mixing weight per --id-image, in order (default: equal)"),
@@ -89,6 +113,7 @@ def generate_command(
         run_config = load_config(config, overrides)
     except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint="--config/--steps/--width/--height") from None
+    _check_request(run_config, out)
     id_weights = id_weights or None
     try:
         normalise_weights(id_weights, len(id_image))
