@@ -24,6 +24,7 @@ import ray
 from filtering.filter import DecodeStage, ScoreStage, read_input_shard, shard_tasks, with_identity_threshold
 from filtering.ingest import run_ingest
 from infu.config import InfuConfig, load_config
+from infu.raycluster import start_local_ray
 from infu.records import new_record
 from infu.runner import Phase, batched, run_phase, stage
 from infu.sample_corpus import build_sample_corpus
@@ -168,10 +169,9 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=16, help="copies of the corpus images to score")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread per worker, bare processes and Ray workers alike
-    ray.init(
+    start_local_ray(
         num_cpus=os.cpu_count(),
         include_dashboard=False,
-        configure_logging=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
     )
     with tempfile.TemporaryDirectory() as folder:

@@ -34,6 +34,7 @@ import ray
 
 from filtering.config import FilterThresholds
 from filtering.global_phase import DECISIONS, compute_global_decisions
+from infu.raycluster import start_local_ray
 from infu.records import SAMPLE_SCHEMA
 from infu.shards import shard_name, stats_path
 
@@ -242,7 +243,7 @@ def main() -> None:
         scored = _scored_shards(args, Path(folder))
         out = Path(folder) / "global"
         out.mkdir()
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
+        start_local_ray(num_cpus=args.cpus, include_dashboard=False)
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         started = time.perf_counter()
         with RssSampler() as workers:

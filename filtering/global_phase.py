@@ -12,18 +12,22 @@ Memory follows one shard plus a few compact per-row arrays, never the dataset:
 * **identity clusters** (faiss): an IVF index over the face embeddings, trained on a sample spread over
   the (dataset, key) order. Up to ``EXHAUSTIVE_FACES`` faces it is one list of raw vectors (exhaustive,
   exact); beyond, ``4 sqrt(n)`` lists (rounded to a power of two) of product-quantised codes (64 bytes
-  for 512-D), ``PROBES`` lists probed. As Ray actors when Ray is up (else in this process), per shard:
+  for 512-D), ``PROBES`` lists probed. As Ray actors when Ray is up and there are more than
+  ``RAY_ROWS`` kept rows (else in this process), per shard:
   read its embeddings, encode them into the index; then range-search them at the same-identity cosine,
   keeping per face its ``NEIGHBOUR_CAP`` earliest earlier neighbours of its dataset (and, while it has
   fewer, itself as an earlier neighbour of its later ones). The pairs stream into their connected
   components (:class:`StreamingComponents`), the candidate groups. A person's faces stay connected
   even when the search misses many of their pairs, which a leader pass over the approximate lists
   alone would turn into split clusters
-  (measured: same-identity recall 0.64 with lists vs 0.97 with components on the test data). Each shard
-  then writes its faces of every batch of components, and each batch is clustered exactly (greedy
-  leader clustering in key order, :func:`filtering.identity.leaders_in_order`) on the exact vectors,
-  as Ray tasks: no member ends below the threshold of its leader. With the exhaustive index the
-  components hold every pair at or above the threshold, so the result equals
+  (measured: same-identity recall 0.64 with lists vs 0.97 with components on the test data). Approximate
+  links can chain many people into one giant component; a component of more than
+  ``max_component_faces`` faces is cut into parts of whole IVF lists, grouped by recursive 2-means on
+  the list centroids (:func:`split_large_components`), so a part stays bounded while a person's lists
+  stay together. Each shard then writes its faces of every batch of components, and each batch is
+  clustered exactly (greedy leader clustering in key order, :func:`filtering.identity.leaders_in_order`)
+  on the exact vectors, as Ray tasks: no member ends below the threshold of its leader. With the
+  exhaustive index the components hold every pair at or above the threshold, so the result equals
   :func:`filtering.identity.cluster_identities`.
 * **decisions**: joined in DuckDB and written as one Parquet file per committed shard.
 """
@@ -79,6 +83,10 @@ PROBES = 16
 DUCKDB_MEMORY = "1GB"
 BATCH_ROWS = 1 << 20
 BATCH_FACES = 100_000
+MAX_COMPONENT_FACES = BATCH_FACES
+RAY_ROWS = EXHAUSTIVE_FACES
+"""Above this many kept rows the phase's parallel parts run on Ray (when it is up); below, Ray's worker
+start-up would cost more than the work, which runs in this process."""
 
 
 @dataclass(frozen=True)
@@ -123,10 +131,14 @@ class IdentityIndex:
         return index
 
 
-def compute_global_decisions(scored_dir: Path, out: Path, rules: FilterThresholds) -> dict[str, Any]:
+def compute_global_decisions(
+    scored_dir: Path, out: Path, rules: FilterThresholds, max_component_faces: int = MAX_COMPONENT_FACES
+) -> dict[str, Any]:
     """Write ``out/decisions/<shard>.parquet`` (:data:`DECISION_SCHEMA`) for every committed shard of
     ``scored_dir``: the keys of that shard with a decision (duplicates with reason and detail, faces
-    with their identity cluster). Only rows with status ``ok`` take part. Returns stats."""
+    with their identity cluster). Only rows with status ``ok`` take part. Components of the neighbour
+    graph with more than ``max_component_faces`` faces are split (:func:`split_large_components`).
+    Returns stats."""
     scored_dir, out = Path(scored_dir), Path(out)
     work = out / WORK
     (work / "rows").mkdir(parents=True)
@@ -144,13 +156,22 @@ def compute_global_decisions(scored_dir: Path, out: Path, rules: FilterThreshold
     try:
         with timer("rows"):
             kept = _load_rows(con, scored_dir, shards, work / "rows")
+        on_ray = ray.is_initialized() and kept > RAY_ROWS
         with timer("duplicates"):
-            duplicate_stats = _find_duplicates(con, kept, rules.max_phash_distance)
+            duplicate_stats = _find_duplicates(con, kept, rules.max_phash_distance, on_ray)
         identity_stats = _cluster_identities(
-            con, scored_dir, work / "rows", shards, kept, rules.same_identity_similarity, timer
+            con,
+            scored_dir,
+            work / "rows",
+            shards,
+            kept,
+            rules.same_identity_similarity,
+            max_component_faces,
+            on_ray,
+            timer,
         )
         with timer("write"):
-            _write_decisions(con, out / DECISIONS, shards)
+            _write_decisions(con, out / DECISIONS, shards, kept)
     finally:
         con.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -244,7 +265,9 @@ def _column(con: duckdb.DuckDBPyConnection, query: str) -> list[np.ndarray]:
     return [column.to_numpy() for column in table.columns]
 
 
-def _find_duplicates(con: duckdb.DuckDBPyConnection, kept: int, max_distance: int) -> dict[str, Any]:
+def _find_duplicates(
+    con: duckdb.DuckDBPyConnection, kept: int, max_distance: int, on_ray: bool
+) -> dict[str, Any]:
     """Table ``duplicates(rid, kept, relation)``: every kept row that is not the first of its group."""
     same_sha, sha_first = _column(con, _same_as("sha256"))
     same_hash, hash_first = _column(con, _same_as("phash"))
@@ -254,7 +277,9 @@ def _find_duplicates(con: duckdb.DuckDBPyConnection, kept: int, max_distance: in
     distinct = has_hash.copy()
     distinct[same_hash] = False
     distinct_rids = np.flatnonzero(distinct)
-    pairs, _ = pairs_from_codes(hashes[distinct_rids], _near_codes(hashes[distinct_rids], max_distance))
+    pairs, _ = pairs_from_codes(
+        hashes[distinct_rids], _near_codes(hashes[distinct_rids], max_distance, on_ray)
+    )
     near_first, near_second = distinct_rids[pairs[:, 0]], distinct_rids[pairs[:, 1]]
     marked, kept_rid = keep_first(
         np.concatenate([same_sha, same_hash, near_second]),
@@ -289,10 +314,10 @@ def _same_as(column: str) -> str:
     """
 
 
-def _near_codes(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """Pair codes of hashes within ``max_distance`` bits; the block tables run as Ray tasks if Ray is up."""
+def _near_codes(hashes: np.ndarray, max_distance: int, on_ray: bool) -> np.ndarray:
+    """Pair codes of hashes within ``max_distance`` bits; the block tables run as Ray tasks ``on_ray``."""
     masks = table_masks(len(hashes), max_distance)
-    if not ray.is_initialized() or len(masks) == 1:
+    if not on_ray or len(masks) == 1:
         return pairs_in_tables(hashes, masks, max_distance)[0]
     workers = min(len(masks), _cpus())
     task = ray.remote(pairs_in_tables)
@@ -398,10 +423,12 @@ def _pairs_table(faces: np.ndarray, earlier: np.ndarray) -> pa.Table:
     return pa.table({"face": faces.astype(np.int64), "earlier": earlier.astype(np.int64)})
 
 
-def _map_shards(settings: dict[str, Any], method: str, shards: list[str], *args: Any) -> Iterator[Any]:
-    """``FaceShards(**settings).<method>(shard, *args)`` for every shard, in shard order: on a pool of Ray
-    actors (one CPU each, the index shipped once through the object store) when Ray is up, else here."""
-    if not ray.is_initialized():
+def _map_shards(
+    on_ray: bool, settings: dict[str, Any], method: str, shards: list[str], *args: Any
+) -> Iterator[Any]:
+    """``FaceShards(**settings).<method>(shard, *args)`` for every shard, in shard order: ``on_ray``, on a
+    pool of Ray actors (one CPU each, the index shipped once through the object store), else here."""
+    if not on_ray:
         worker = FaceShards(**settings)
         for shard in shards:
             yield getattr(worker, method)(shard, *args)
@@ -421,6 +448,8 @@ def _cluster_identities(
     shards: list[str],
     kept: int,
     threshold: float,
+    max_component_faces: int,
+    on_ray: bool,
     timer: _Timer,
 ) -> dict[str, Any]:
     """Table ``clusters(iid, number)``: per face its cluster's number within its dataset."""
@@ -432,7 +461,7 @@ def _cluster_identities(
         scored_dir=str(scored_dir), rows_dir=str(rows_dir), dataset_starts=dataset_starts, threshold=threshold
     )
     with timer("identity_sample"):
-        sampled = list(_map_shards(settings, "sample", shards, max(1, kept // MAX_TRAINING_FACES)))
+        sampled = list(_map_shards(on_ray, settings, "sample", shards, max(1, kept // MAX_TRAINING_FACES)))
     faces = sum(count for count, _, _ in sampled)
     con.execute("CREATE TABLE clusters (iid BIGINT, number BIGINT)")
     if not faces:
@@ -446,24 +475,31 @@ def _cluster_identities(
         index = params.build(pool[chosen])
         del pool
     with timer("identity_encode"):
-        shard_iids = []
-        for iids, codes in _map_shards({**settings, "index": index}, "encode", shards):
+        shard_iids, shard_lists = [], []
+        coarse_bytes = index.coarse_code_size()
+        for iids, codes in _map_shards(on_ray, {**settings, "index": index}, "encode", shards):
             if len(iids):
                 index.add_sa_codes(codes, iids)
                 shard_iids.append(iids)
-        face_iids = np.sort(np.concatenate(shard_iids))
-        del shard_iids
+                shard_lists.append(_list_numbers(codes[:, :coarse_bytes]))
+        face_iids = np.concatenate(shard_iids)
+        order = np.argsort(face_iids)
+        face_iids, face_lists = face_iids[order], np.concatenate(shard_lists)[order]
+        del shard_iids, shard_lists, order
     with timer("identity_search"):
         graph = StreamingComponents(faces)
         searching = {**settings, "index": index, "neighbour_cap": params.neighbour_cap}
-        for found in _map_shards(searching, "search", shards):
+        for found in _map_shards(on_ray, searching, "search", shards):
             graph.add(*(np.searchsorted(face_iids, found[name].to_numpy()) for name in found.column_names))
         index_megabytes = round(faces * (index.code_size + 8) / 1e6, 1)
+        centroids = index.quantizer.reconstruct_n(0, index.nlist)
         del index
     with timer("identity_components"):
         components = graph.components()
+        largest_component = int(np.bincount(components).max())
+        components = split_large_components(components, face_lists, centroids, max_component_faces)
     with timer("identity_leaders"):
-        leaders = _leaders_by_component(settings, rows_dir.parent, shards, face_iids, components)
+        leaders = _leaders_by_component(on_ray, settings, rows_dir.parent, shards, face_iids, components)
         is_leader = leaders == np.arange(faces)
         dataset = np.searchsorted(dataset_starts, face_iids, side="right") - 1
         leaders_before = np.r_[0, np.cumsum(is_leader)][np.searchsorted(face_iids, dataset_starts[:-1])]
@@ -477,7 +513,8 @@ def _cluster_identities(
         "identity_clusters": int(is_leader.sum()),
         "neighbour_pairs": graph.edges,
         "components": len(sizes),
-        "largest_component": int(sizes.max()),
+        "largest_component": largest_component,
+        "largest_part": int(sizes.max()),
         "identity_index": {**asdict(params), "megabytes": index_megabytes},
     }
 
@@ -531,8 +568,78 @@ class StreamingComponents:
         return np.unique(self.labels, return_inverse=True)[1]
 
 
+def _list_numbers(coarse_codes: np.ndarray) -> np.ndarray:
+    """IVF list numbers from the coarse part of faiss codes (little-endian, as ``sa_encode`` writes it)."""
+    padded = np.zeros((len(coarse_codes), 8), dtype=np.uint8)
+    padded[:, : coarse_codes.shape[1]] = coarse_codes
+    return padded.view("<i8").ravel()
+
+
+def split_large_components(
+    components: np.ndarray, lists: np.ndarray, centroids: np.ndarray, max_faces: int
+) -> np.ndarray:
+    """``components`` (per face, numbered 0..) with every component of more than ``max_faces`` faces cut
+    into parts of whole IVF lists (``lists``: per face its list; ``centroids``: per list its centroid):
+    the component's lists are split in two by 2-means on their centroids weighted by its faces in each,
+    recursively, until a part holds at most ``max_faces`` faces or one list. Returns the new numbering
+    (0.., in the order of each part's first face)."""
+    sizes = np.bincount(components)
+    large = np.flatnonzero(sizes > max_faces)
+    if not len(large):
+        return components
+    labels = components.copy()
+    next_label = len(sizes)
+    by_component = np.argsort(components, kind="stable")
+    starts = np.r_[0, np.cumsum(sizes)]
+    for component in large.tolist():
+        members = by_component[starts[component] : starts[component + 1]]
+        used, faces_per_list = np.unique(lists[members], return_counts=True)
+        groups = _group_lists(centroids[used], faces_per_list, max_faces)
+        part = groups[np.searchsorted(used, lists[members])]
+        labels[members] = np.where(part == 0, component, next_label + part - 1)
+        next_label += int(groups.max())
+    first_face = np.full(next_label, len(labels), dtype=np.int64)
+    np.minimum.at(first_face, labels, np.arange(len(labels)))
+    rank = np.empty(next_label, dtype=np.int64)
+    rank[np.argsort(first_face, kind="stable")] = np.arange(next_label)
+    return np.unique(rank[labels], return_inverse=True)[1]
+
+
+def _group_lists(centroids: np.ndarray, weights: np.ndarray, max_faces: int) -> np.ndarray:
+    """Per list a group number (0..) such that each group holds at most ``max_faces`` faces or one list
+    (recursive weighted 2-means; a split 2-means cannot make is done at the weighted median of the
+    principal direction)."""
+    groups = np.zeros(len(centroids), dtype=np.int64)
+    pending, group_count = [np.arange(len(centroids))], 0
+    while pending:
+        chosen = pending.pop()
+        if weights[chosen].sum() <= max_faces or len(chosen) == 1:
+            groups[chosen] = group_count
+            group_count += 1
+            continue
+        points = np.ascontiguousarray(centroids[chosen], dtype=np.float32)
+        kmeans = faiss.Kmeans(points.shape[1], 2, niter=10, seed=len(chosen), min_points_per_centroid=1)
+        kmeans.train(points, weights=weights[chosen].astype(np.float32))
+        side = kmeans.index.search(points, 1)[1].ravel() == 1
+        if side.all() or not side.any():
+            centred = points - np.average(points, axis=0, weights=weights[chosen])
+            projection = centred @ np.linalg.svd(centred, full_matrices=False)[2][0]
+            order = np.argsort(projection)
+            cumulative = np.cumsum(weights[chosen][order])
+            cut = np.clip(np.searchsorted(cumulative, cumulative[-1] / 2), 1, len(chosen) - 1)
+            side = np.zeros(len(chosen), dtype=bool)
+            side[order[cut:]] = True
+        pending += [chosen[side], chosen[~side]]
+    return groups
+
+
 def _leaders_by_component(
-    settings: dict[str, Any], work: Path, shards: list[str], face_iids: np.ndarray, components: np.ndarray
+    on_ray: bool,
+    settings: dict[str, Any],
+    work: Path,
+    shards: list[str],
+    face_iids: np.ndarray,
+    components: np.ndarray,
 ) -> np.ndarray:
     """Per face (in ``iid`` order) the position of its leader, by exact leader clustering within each
     component of the neighbour graph, on the exact embeddings.
@@ -550,11 +657,11 @@ def _leaders_by_component(
     for batch in np.unique(batch_of_face[batch_of_face >= 0]).tolist():
         (batches / str(batch)).mkdir(parents=True)
     lookup = {"face_iids": face_iids, "components": components, "batches": batch_of_face}
-    for _ in _map_shards(settings, "scatter", shards, str(batches), lookup):
+    for _ in _map_shards(on_ray, settings, "scatter", shards, str(batches), lookup):
         pass
     leaders = np.arange(len(components))
     for iids, leader_iids in _map_batches(
-        sorted(batches.iterdir()) if batches.exists() else [], settings["threshold"]
+        on_ray, sorted(batches.iterdir()) if batches.exists() else [], settings["threshold"]
     ):
         leaders[np.searchsorted(face_iids, iids)] = np.searchsorted(face_iids, leader_iids)
     return leaders
@@ -573,9 +680,11 @@ def cluster_batch(folder: str, threshold: float) -> tuple[np.ndarray, np.ndarray
     return iids, leader_iids
 
 
-def _map_batches(folders: list[Path], threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """:func:`cluster_batch` of every folder, as Ray tasks when Ray is up."""
-    if not ray.is_initialized():
+def _map_batches(
+    on_ray: bool, folders: list[Path], threshold: float
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`cluster_batch` of every folder, as Ray tasks ``on_ray``."""
+    if not on_ray:
         for folder in folders:
             yield cluster_batch(str(folder), threshold)
         return
@@ -586,21 +695,33 @@ def _map_batches(folders: list[Path], threshold: float) -> Iterator[tuple[np.nda
         yield from ray.get(done)
 
 
-def _write_decisions(con: duckdb.DuckDBPyConnection, folder: Path, shards: list[str]) -> None:
-    result = con.sql(
+def _write_decisions(con: duckdb.DuckDBPyConnection, folder: Path, shards: list[str], kept: int) -> None:
+    """The decisions of each shard, joined and sorted by DuckDB for about ``BATCH_ROWS`` rows of shards at a
+    time (one join and sort over every row outgrows the memory limit at millions of rows)."""
+    con.execute(
         """
-        SELECT rows.shard, rows.key,
-               CASE WHEN duplicates.rid IS NOT NULL THEN ? END AS reject_reason,
-               duplicates.relation || ' ' || kept_rows.key AS reject_detail,
-               CASE WHEN clusters.iid IS NOT NULL THEN format('{}-c{:06d}', rows.dataset, clusters.number)
-               END AS identity_cluster
-        FROM rows
-        LEFT JOIN duplicates ON duplicates.rid = rows.rid
-        LEFT JOIN rows AS kept_rows ON kept_rows.rid = duplicates.kept
-        LEFT JOIN clusters ON clusters.iid = rows.iid
-        WHERE duplicates.rid IS NOT NULL OR clusters.iid IS NOT NULL
-        ORDER BY rows.shard, rows.key
-        """,
-        params=[RejectReason.DUPLICATE.value],
+        CREATE TABLE duplicate_details AS
+        SELECT duplicates.rid, duplicates.relation || ' ' || kept_rows.key AS detail
+        FROM duplicates JOIN rows AS kept_rows ON kept_rows.rid = duplicates.kept
+        """
     )
-    _split_by_shard(result, folder, shards, DECISION_SCHEMA)
+    per_query = max(1, len(shards) * BATCH_ROWS // max(kept, 1))
+    for start in range(0, len(shards), per_query):
+        part = shards[start : start + per_query]
+        result = con.sql(
+            """
+            SELECT rows.shard, rows.key,
+                   CASE WHEN details.rid IS NOT NULL THEN $reason END AS reject_reason,
+                   details.detail AS reject_detail,
+                   CASE WHEN clusters.iid IS NOT NULL
+                        THEN format('{}-c{:06d}', rows.dataset, clusters.number) END AS identity_cluster
+            FROM rows
+            LEFT JOIN duplicate_details AS details ON details.rid = rows.rid
+            LEFT JOIN clusters ON clusters.iid = rows.iid
+            WHERE rows.shard IN (SELECT unnest($shards))
+              AND (details.rid IS NOT NULL OR clusters.iid IS NOT NULL)
+            ORDER BY rows.shard, rows.key
+            """,
+            params={"reason": RejectReason.DUPLICATE.value, "shards": part},
+        )
+        _split_by_shard(result, folder, part, DECISION_SCHEMA)

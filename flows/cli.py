@@ -9,13 +9,15 @@ from typing import Annotated
 
 import typer
 
-from infu.config import InfuConfig, load_config_or_exit
+from infu.config import InfuConfig, credentials_to_environment, load_config_or_exit
 from infu.model.cli import generate_command
 from infu.raycluster import JobFailedError
 from infu.steps import configured_steps, ensure_run_dir, exit_on_error, registry
 
 # The temporary Prefect server `infu run` starts would report telemetry (and log an ERROR offline).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect gives its temporary server 20 s to start, which a busy node can exceed.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     help="InfU data engine and training orchestration.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -84,7 +86,9 @@ def run(
         check_before_starting(run_config, step or configured_steps(run_config))
         from flows.full_pipeline import full_pipeline
 
-        results = full_pipeline(config=str(config), overrides=set_ or [], steps=step or None)
+        overrides, secrets = credentials_to_environment(set_ or [])
+        os.environ.update(secrets)
+        results = full_pipeline(config=str(config), overrides=overrides, steps=step or None)
     typer.echo(json.dumps(results, indent=2))
     for name, result in results.items():
         typer.echo(f"{name} output: {result['output']}")

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.steps import ray_cluster, run_step
-from infu.config import load_config, redact_secrets
+from infu.config import load_config, redact_secrets, refuse_credentials
 from infu.lineage import completed_manifest
 from infu.manifest import read_manifest
 from infu.steps import configured_steps
@@ -29,8 +29,12 @@ def step_task(step: str, config: str, overrides: list[str], address: str, local:
 def full_pipeline(
     config: str = "configs/embedded.yaml", overrides: list[str] | None = None, steps: list[str] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Validate the run config, connect to (or start) Ray, then run the steps as Ray jobs."""
+    """Validate the run config, connect to (or start) Ray, then run the steps as Ray jobs.
+
+    Prefect stores the parameters: credentials go in environment variables referenced as ``${env:NAME}``
+    (``infu run`` moves those of ``--set`` there itself)."""
     overrides = overrides or []
+    refuse_credentials(overrides, "the flow parameter `overrides`")
     run_config = load_config(config, overrides)
     selected = steps or configured_steps(run_config)
     results: dict[str, dict[str, Any]] = {}

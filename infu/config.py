@@ -8,6 +8,7 @@ package. Unknown keys are rejected and every error names the offending key and v
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -224,7 +225,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> InfuCon
 
     Relative paths resolve against the working directory. Paths inside the file's ``run.run_dir``
     belong to the run: when an override moves the run folder they move with it, unless they are
-    overridden too.
+    overridden too. ``${env:NAME}`` in a string value is replaced by the environment variable ``NAME``.
     """
     path = Path(path)
     try:
@@ -239,10 +240,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> InfuCon
         raise ConfigError(f"config {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    data = _expand_environment(data, "")
     file_run_dir = _file_run_dir(data)
     pinned = set()
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, _expand_environment(value, key))
         pinned.add(key)
     config = config_from_dict(data, str(path))
     if file_run_dir is not None and file_run_dir != config.run.run_dir:
@@ -257,6 +259,56 @@ def load_config_or_exit(path: str | Path, overrides: list[str] | None = None) ->
     except ConfigError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2) from None
+
+
+_ENV_REFERENCE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_environment(node: Any, key: str) -> Any:
+    """``node`` (parsed YAML at dotted ``key``) with every ``${env:NAME}`` in its strings replaced by the
+    environment variable ``NAME``; an unset one is a config error naming the key."""
+    if isinstance(node, dict):
+        return {
+            name: _expand_environment(value, f"{key}.{name}" if key else str(name))
+            for name, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_expand_environment(value, f"{key}[{position}]") for position, value in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def value_of(match: re.Match[str]) -> str:
+        if match[1] not in os.environ:
+            raise ConfigError(f"{key}: environment variable {match[1]} (from {match[0]}) is not set")
+        return os.environ[match[1]]
+
+    return _ENV_REFERENCE.sub(value_of, node)
+
+
+def credentials_to_environment(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``key=value`` overrides whose value holds URL credentials replaced by ``key=${env:INFU_SECRET_<KEY>}``,
+    and the environment variables that resolve them: the overrides can then be stored (as Prefect stores
+    flow parameters) without the credentials."""
+    public, environment = [], {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if redact_secrets(value) == value:
+            public.append(item)
+            continue
+        name = "INFU_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", key.strip()).upper()
+        environment[name] = value
+        public.append(f"{key}=${{env:{name}}}")
+    return public, environment
+
+
+def refuse_credentials(values: list[str], what: str) -> None:
+    """A config error when one of ``values`` (to be stored, e.g. flow parameters) holds URL credentials."""
+    exposed = [redact_secrets(value) for value in values if redact_secrets(value) != value]
+    if exposed:
+        raise ConfigError(
+            f"{what} would store credentials in clear text: {', '.join(exposed)}; put them in an "
+            "environment variable and pass ${env:NAME} instead"
+        )
 
 
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s?#\"']*)@")

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import logging
 import os
+import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -40,6 +44,24 @@ class JobFailedError(RuntimeError):
 
 class RayUnreachableError(ConnectionError):
     """A Ray dashboard address that does not answer."""
+
+
+def ensure_ray_token() -> None:
+    """Create Ray's auth token (``~/.ray/auth_token``, 256 random bits, mode 0600) unless it exists, in
+    one atomic step: two processes starting local Rays at once then share one token, where Ray would
+    write one each and the loser's clients would be refused."""
+    if RAY_TOKEN_FILE.exists():
+        return
+    RAY_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    fd, draft = tempfile.mkstemp(dir=RAY_TOKEN_FILE.parent, prefix=".auth_token.")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(32))
+        os.link(draft, RAY_TOKEN_FILE)
+    except FileExistsError:
+        pass  # another process made it first: use that one
+    finally:
+        os.unlink(draft)
 
 
 def use_token_auth_if_present() -> None:
@@ -77,18 +99,21 @@ def start_local_ray(**options: Any) -> Any:
     node that came up on another address anyway is shut down (fail closed). To serve other machines,
     start a cluster yourself (``ray start``) and set ``run.ray_address``.
 
-    Token auth: ``RAY_AUTH_MODE=token`` (Ray creates ``~/.ray/auth_token`` when missing) unless the
-    environment sets the mode; ``disabled`` there is honoured with a warning.
+    Token auth: ``RAY_AUTH_MODE=token`` (the token is created when missing, :func:`ensure_ray_token`)
+    unless the environment sets the mode; ``disabled`` there is honoured with a warning.
     """
     os.environ[_SINGLE_MACHINE_RAY] = "0"
     if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
         os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        ensure_ray_token()
     # A Ray imported already read the mode then; left unset, ray.init of the Ray installed here turns
     # token auth on itself for a new local Ray. The warning below says when it is off.
     import ray
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # what the variable above sets, for a Ray imported earlier
+    _dashboard_agent_on_a_free_port()
     context = ray.init(address="local", configure_logging=False, **options)
     node_ip = context.address_info["node_ip_address"]
     if node_ip not in LOOPBACK_ADDRESSES:
@@ -102,6 +127,30 @@ def start_local_ray(**options: Any) -> Any:
     return context
 
 
+def _dashboard_agent_on_a_free_port() -> None:
+    """Let the dashboard agent of a Ray this process starts listen on a free port.
+
+    The agent serves the job API's work on its node. Its HTTP port is 52365 unless the node is told
+    otherwise, which ``ray.init`` cannot do: a second local Ray on the machine (another ``infu`` command,
+    another user's) would find the port taken and refuse jobs. Port 0 makes the agent take a free port
+    and publish it, which is where the job API looks; this sets that default of Ray's node parameters."""
+    from ray._private.parameter import RayParams
+
+    init = RayParams.__init__
+    with_defaults = [
+        name
+        for name, parameter in inspect.signature(init).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+        and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+    defaults = list(init.__defaults__ or ())
+    if "dashboard_agent_listen_port" not in with_defaults or len(defaults) != len(with_defaults):
+        log.warning("this Ray's node parameters changed: its dashboard agent keeps its default port")
+        return
+    defaults[with_defaults.index("dashboard_agent_listen_port")] = 0
+    init.__defaults__ = tuple(defaults)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -113,10 +162,18 @@ class LocalRay:
     """A local Ray head with its dashboard, owned by this process (the embedded flow's cluster)."""
 
     dashboard_url: str = ""
+    temp_dir: str = ""
 
     def start(self) -> str:
-        port = free_port()
-        context = start_local_ray(include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port)
+        # Its own temp dir: Ray's job supervisor finds the cluster its jobs connect to through the temp
+        # dir's ``ray_current_cluster`` file, which another Ray started later in a shared one would take.
+        self.temp_dir = tempfile.mkdtemp(prefix="infu-ray-", dir="/tmp")  # short: socket paths live in it
+        context = start_local_ray(
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            dashboard_port=free_port(),
+            _temp_dir=self.temp_dir,
+        )
         self.dashboard_url = f"http://{context.dashboard_url}"
         return self.dashboard_url
 
@@ -124,6 +181,7 @@ class LocalRay:
         import ray
 
         ray.shutdown()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRay:
         self.start()

@@ -326,7 +326,7 @@ def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.dat
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
         _read_chunks,
         fn_kwargs={"read_task": phase.read_task, "chunk_size": phase.resources.batch_size},
-        compute=ray.data.TaskPoolStrategy(size=READERS),
+        compute=ray.data.TaskPoolStrategy(size=min(READERS, len(rows))),
         num_cpus=0.1,
     )
     operators = fused_operators(phase.stages, phase.resources)
@@ -339,7 +339,9 @@ def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.dat
                 "retries": phase.resources.retries,
                 "parts_root": str(phase.out_dir) if last else None,
             },
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            # As many workers as shards to start with (a worker loads its models once), up to
+            # ``concurrency`` when chunks wait.
+            compute=ray.data.ActorPoolStrategy(min_size=min(concurrency, len(pending)), max_size=concurrency),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
         )
@@ -409,9 +411,9 @@ def run_phase(phase: Phase) -> PhaseResult:
                 collect(timeout=0)
             while commits:
                 collect(timeout=None)
-    tmp = out_dir / TMP_DIR
-    if tmp.exists() and not any(tmp.iterdir()):
-        tmp.rmdir()
+    # Every shard is committed or failed now: what is left in _tmp is a killed attempt's (a committer's
+    # half-written shard), or parts a rerun redoes anyway.
+    shutil.rmtree(out_dir / TMP_DIR, ignore_errors=True)
     result.seconds = time.time() - started
     return result
 

@@ -143,6 +143,12 @@ def committed_shards(out_dir: Path) -> list[str]:
     return sorted(path.name[: -len(STATS_SUFFIX)] for path in out_dir.glob(f"*{STATS_SUFFIX}"))
 
 
+def _unless_gone(function: object, path: str, error: tuple) -> None:
+    """``shutil.rmtree`` error handler: a file removed meanwhile is fine, any other error is raised."""
+    if not isinstance(error[1], FileNotFoundError):
+        raise error[1]
+
+
 def clean_uncommitted(out_dir: Path) -> list[str]:
     """Remove what killed writers left behind; returns the names of the removed files."""
     out_dir = Path(out_dir)
@@ -150,7 +156,8 @@ def clean_uncommitted(out_dir: Path) -> list[str]:
     tmp = out_dir / TMP_DIR
     if tmp.exists():
         removed += [str(path.relative_to(out_dir)) for path in tmp.rglob("*") if path.is_file()]
-        shutil.rmtree(tmp)
+        # Workers of a killed run may still be winding down and removing their own parts meanwhile.
+        shutil.rmtree(tmp, onerror=_unless_gone)
     committed = set(committed_shards(out_dir))
     for pattern in ("*.tar", "*.parquet"):
         for path in out_dir.glob(pattern):

@@ -6,15 +6,21 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from infu.raycluster import use_token_auth_if_present
+from infu.raycluster import ensure_ray_token, use_token_auth_if_present
 from infu.shards import committed_shards
 
-use_token_auth_if_present()  # before any test imports Ray, which reads its auth mode once
+# One token for every Ray the tests start, also when pytest-xdist workers start theirs at once; then
+# token auth for this process, before any test imports Ray, which reads its auth mode once.
+ensure_ray_token()
+use_token_auth_if_present()
+# Prefect's local state (its temporary servers' database) per test session, not the developer's.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="infu-tests-prefect-"))
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ROOT = Path(os.environ.get("INFU_SHARED_DIR", PROJECT_ROOT.parent / "shared"))

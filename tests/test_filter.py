@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,10 +85,21 @@ def test_face_sharpness_drops_with_blur(tmp_path):
     assert blurred < sharp / 4
 
 
+CORPUS_SHARD_SIZE = 3
+"""The sample corpus in six shards: enough to kill a filter job between two of them."""
+
+
+def corpus_overrides(run_dir: Path) -> list[str]:
+    return [
+        f"run.run_dir={run_dir}",
+        f"ingest.source.path={run_dir / 'corpus'}",
+        f"ingest.shard_size={CORPUS_SHARD_SIZE}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def filtered_corpus(local_ray, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    config = load_config(EMBEDDED, [f"run.run_dir={run_dir}", f"ingest.source.path={run_dir / 'corpus'}"])
+    config = load_config(EMBEDDED, corpus_overrides(tmp_path_factory.mktemp("run")))
     run_ingest(config)
     manifest = run_filter(config)
     return config, manifest
@@ -158,20 +170,20 @@ def test_duplicates_and_held_out_identities_are_removed(local_ray, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_filter_job_resumes_to_the_same_rows(local_ray, tmp_path):
-    corpus = tmp_path / "corpus"
-    one_per_shard = ["ingest.shard_size=1", "filter.resources.concurrency=1"]
-    overrides = [f"ingest.source.path={corpus}", *one_per_shard]
-    reference = load_config(EMBEDDED, [f"run.run_dir={tmp_path / 'reference'}", *overrides])
-    run_ingest(reference)
-    run_filter(reference)
-
-    interrupted = load_config(EMBEDDED, [f"run.run_dir={tmp_path / 'interrupted'}", *overrides])
-    run_ingest(interrupted)
-    scored = interrupted.step_dir("filter") / SCORED
-    job_overrides = [f"run.run_dir={tmp_path / 'interrupted'}", *overrides]
-    done_before_kill = kill_step_job_midway("filter", EMBEDDED, job_overrides, scored, after=5)
-    assert 5 <= done_before_kill < 18, "the kill should land mid-run"
+def test_killed_filter_job_resumes_to_the_same_rows(filtered_corpus, tmp_path):
+    """The corpus's ingest output copied into a new run; its filter job SIGKILLed between shards, then
+    rerun: the rows equal those of the uninterrupted run (same shard layout)."""
+    reference, _ = filtered_corpus
+    run_dir = tmp_path / "interrupted"
+    shutil.copytree(reference.run.run_dir / "corpus", run_dir / "corpus")
+    shutil.copytree(reference.step_dir("ingest"), run_dir / "ingest")
+    overrides = [*corpus_overrides(run_dir), "filter.resources.concurrency=1"]
+    interrupted = load_config(EMBEDDED, overrides)
+    shards = 18 // CORPUS_SHARD_SIZE
+    done_before_kill = kill_step_job_midway(
+        "filter", EMBEDDED, overrides, interrupted.step_dir("filter") / SCORED, after=2
+    )
+    assert 2 <= done_before_kill < shards, "the kill should land mid-run"
 
     run_filter(interrupted)
 

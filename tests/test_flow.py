@@ -37,7 +37,7 @@ FILTERED_OUTCOMES = {
 pytestmark = pytest.mark.slow
 
 
-def run(command: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
     return subprocess.run(
         command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=environment
@@ -76,10 +76,11 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     ]
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
-    """A `ray start --head` cluster on free ports with its own temp dir, stopped afterwards: only its own
-    processes (`ray stop` would stop every Ray on the machine, a developer's included)."""
+    """A `ray start --head` cluster on free ports (its dashboard agent's too) with its own temp dir,
+    stopped afterwards: only its own processes (`ray stop` would stop every Ray on the machine, a
+    developer's included)."""
     ray.shutdown()
     dashboard, gcs = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths live in it
@@ -91,6 +92,7 @@ def ray_head():
             "--node-ip-address=127.0.0.1",
             f"--port={gcs}",
             f"--dashboard-port={dashboard}",
+            "--dashboard-agent-listen-port=0",
             "--dashboard-host=127.0.0.1",
             "--num-cpus=2",
             "--include-dashboard=true",
@@ -124,7 +126,7 @@ def stop_processes_mentioning(*markers: str) -> None:
             process.terminate()
         except psutil.NoSuchProcess:
             continue
-    _, alive = psutil.wait_procs(processes, timeout=20)
+    _, alive = psutil.wait_procs(processes, timeout=5)
     for process in alive:
         process.kill()
     psutil.wait_procs(alive, timeout=10)

@@ -22,6 +22,7 @@ from filtering.global_phase import (
     DECISIONS,
     StreamingComponents,
     compute_global_decisions,
+    split_large_components,
 )
 from filtering.identity import cluster_identities
 from infu.raycluster import start_local_ray
@@ -167,10 +168,12 @@ def test_one_file_per_shard_with_only_its_keys(small):
     assert not (out / global_phase.WORK).exists()
 
 
-def test_another_shard_layout_gives_the_same_decisions(small, tmp_path):
+def test_another_shard_layout_gives_the_same_decisions(small, tmp_path, monkeypatch):
+    """Also with rows streamed and decisions written in small batches (a few shards per query)."""
     records, _, out = small
     scored = write_scored(tmp_path / "scored", records, shards=3, seed=9)
     (tmp_path / "out").mkdir()
+    monkeypatch.setattr(global_phase, "BATCH_ROWS", 500)
     compute_global_decisions(scored, tmp_path / "out", RULES)
     assert read_decisions(tmp_path / "out") == read_decisions(out)
 
@@ -189,8 +192,9 @@ def test_empty_shards_and_no_faces(tmp_path):
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> tuple[list[dict], dict[str, int], Path]:
-    """~50k rows: large enough for the compressed index (more faces than EXHAUSTIVE_FACES)."""
-    records, identities = synthetic_records(50_000, seed=3, dimension=128)
+    """30k rows: large enough for the compressed index (more faces than EXHAUSTIVE_FACES) and for Ray
+    (more kept rows than RAY_ROWS)."""
+    records, identities = synthetic_records(30_000, seed=3, dimension=128)
     scored = write_scored(tmp_path_factory.mktemp("planted") / "scored", records, shards=10, seed=4)
     return records, identities, scored
 
@@ -240,7 +244,7 @@ def test_ray_gives_the_same_decisions(planted, planted_decisions, tmp_path):
         stats = compute_global_decisions(planted[2], tmp_path, RULES)
     finally:
         ray.shutdown()
-    assert stats["faces"] > global_phase.EXHAUSTIVE_FACES
+    assert stats["faces"] > global_phase.EXHAUSTIVE_FACES and stats["kept_rows"] > global_phase.RAY_ROWS
     assert read_decisions(tmp_path) == read_decisions(planted_decisions[1])
 
 
@@ -257,3 +261,25 @@ def test_streaming_components_equal_scipy_on_the_whole_graph(merge_edges):
         graph.add(first[start : start + 37], second[start : start + 37])
     assert graph.edges == edges
     np.testing.assert_array_equal(graph.components(), expected)
+
+
+def test_large_components_split_along_groups_of_lists():
+    """A component chaining three people (each on its own 20 IVF lists) beyond the cap is cut into the
+    three people; a component under the cap and the face order of the numbering are kept."""
+    rng = np.random.default_rng(5)
+    people = rng.normal(size=(3, 64))
+    centroids = np.concatenate([person + 0.1 * rng.normal(size=(20, 64)) for person in people])
+    lists = rng.integers(0, 60, size=3_000)
+    components = np.zeros(3_000, dtype=np.int64)
+    components[::7] = 1
+    components[0] = 0
+    parts = split_large_components(components, lists, centroids.astype(np.float32), max_faces=1_500)
+    small = components == 1
+    assert len(np.unique(parts[small])) == 1 and not np.isin(parts[small], parts[~small]).any()
+    person = lists // 20
+    assert len(np.unique(parts[~small])) == 3
+    for part in np.unique(parts[~small]):
+        assert len(np.unique(person[parts == part])) == 1 and (parts == part).sum() <= 1_500
+    _, first_faces = np.unique(parts, return_index=True)
+    assert (np.diff(first_faces) > 0).all()  # numbered in the order of each part's first face
+    np.testing.assert_array_equal(split_large_components(components, lists, centroids, 3_000), components)

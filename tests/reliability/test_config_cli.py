@@ -232,3 +232,28 @@ def test_credentials_are_used_to_connect_but_never_written(tmp_path, fake_dashbo
         f"ray_address: http://admin:***@127.0.0.1:{fake_dashboard}"
         in (tmp_path / "ingest" / "_config.yaml").read_text()
     )
+
+
+def test_environment_references_resolve_and_a_missing_one_names_its_key(monkeypatch):
+    monkeypatch.setenv("INFU_TEST_ADDRESS", "http://admin:S3cr3t@127.0.0.1:8265")
+    config = load_config(EMBEDDED, ["run.ray_address=${env:INFU_TEST_ADDRESS}"])
+    assert config.run.ray_address == "http://admin:S3cr3t@127.0.0.1:8265"
+    result = infu("config", "validate", str(EMBEDDED), "--set", "run.name=${env:INFU_TEST_UNSET}")
+    assert_one_line_error(result, 2, "run.name", "INFU_TEST_UNSET", "is not set")
+
+
+def test_credentials_never_become_flow_parameters(monkeypatch):
+    """Prefect stores flow parameters: ``infu run`` moves credentials of ``--set`` into the environment,
+    and the flow refuses parameters that still hold some."""
+    from flows.full_pipeline import full_pipeline
+    from infu.config import ConfigError, credentials_to_environment
+
+    address = SECRET_ADDRESS.format(port=8265)
+    overrides, environment = credentials_to_environment([f"run.ray_address={address}", "ingest.shard_size=4"])
+    assert overrides == ["run.ray_address=${env:INFU_SECRET_RUN_RAY_ADDRESS}", "ingest.shard_size=4"]
+    assert environment == {"INFU_SECRET_RUN_RAY_ADDRESS": address}
+    monkeypatch.setenv("INFU_SECRET_RUN_RAY_ADDRESS", address)
+    assert load_config(EMBEDDED, overrides).run.ray_address == address
+    with pytest.raises(ConfigError, match=r"admin:\*\*\*@.*\$\{env:NAME\}") as error:
+        full_pipeline.fn(str(EMBEDDED), [f"run.ray_address={address}"])
+    assert "S3cr3t" not in str(error.value)

@@ -19,6 +19,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -232,15 +234,17 @@ def run_ray_probe(code: str, tmp_path: Path, *args: str) -> tuple[Probe, dict]:
     return probe, info
 
 
-def agent_port_taken() -> bool:
-    """Whether another Ray on this machine holds its dashboard agent's fixed HTTP port (52365, which
-    ``ray.init`` cannot move): a second local Ray then has no agent to run jobs."""
+@contextmanager
+def ray_default_agent_port_held() -> Iterator[None]:
+    """Port 52365, where Ray's dashboard agent listens by default, held for the duration (unless another
+    process holds it already): as when another Ray runs on the machine."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", 52365))
+            sock.listen()
         except OSError:
-            return True
-    return False
+            pass  # held by another process: the same situation
+        yield
 
 
 def assert_ray_ran_and_left_nothing(probe, rc: int) -> None:
@@ -252,9 +256,9 @@ def assert_ray_ran_and_left_nothing(probe, rc: int) -> None:
 
 
 def test_the_flows_local_ray_and_its_jobs_listen_on_loopback_only_and_require_the_token(tmp_path):
-    if agent_port_taken():
-        pytest.skip("another Ray on this machine holds port 52365, so this one could not run a job")
-    probe, info = run_ray_probe(FLOW, tmp_path, str(tmp_path / "run"))
+    """Also: its jobs run while Ray's default agent port is held (two local Rays can both serve jobs)."""
+    with ray_default_agent_port_held():  # another Ray's agent on the machine does not stop its jobs
+        probe, info = run_ray_probe(FLOW, tmp_path, str(tmp_path / "run"))
     try:
         assert info["dashboard"].startswith("http://127.0.0.1:")
         assert_refused_without_token(info["gcs"], info["dashboard"])
