@@ -292,7 +292,7 @@ def credentials_to_environment(overrides: list[str]) -> tuple[list[str], dict[st
     public, environment = [], {}
     for item in overrides:
         key, _, value = item.partition("=")
-        if redact_secrets(value) == value:
+        if not _has_credentials(value):
             public.append(item)
             continue
         name = "INFU_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", key.strip()).upper()
@@ -303,7 +303,7 @@ def credentials_to_environment(overrides: list[str]) -> tuple[list[str], dict[st
 
 def refuse_credentials(values: list[str], what: str) -> None:
     """A config error when one of ``values`` (to be stored, e.g. flow parameters) holds URL credentials."""
-    exposed = [redact_secrets(value) for value in values if redact_secrets(value) != value]
+    exposed = [redact_secrets(value) for value in values if _has_credentials(value)]
     if exposed:
         raise ConfigError(
             f"{what} would store credentials in clear text: {', '.join(exposed)}; put them in an "
@@ -317,6 +317,10 @@ _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinf
 def _redact_userinfo(match: re.Match[str]) -> str:
     user, has_password, _ = match["userinfo"].partition(":")
     return f"{match['scheme']}{user}:***@" if has_password else f"{match['scheme']}***@"
+
+
+def _has_credentials(text: str) -> bool:
+    return redact_secrets(text) != text
 
 
 def redact_secrets(text: str) -> str:

@@ -339,9 +339,9 @@ def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.dat
                 "retries": phase.resources.retries,
                 "parts_root": str(phase.out_dir) if last else None,
             },
-            # As many workers as shards to start with (a worker loads its models once), up to
-            # ``concurrency`` when chunks wait.
-            compute=ray.data.ActorPoolStrategy(min_size=min(concurrency, len(pending)), max_size=concurrency),
+            # No more workers than shards to do: a worker loads its models once, for work it may not get
+            # (Ray Data's min/max autoscaling did not grow a pool with chunks waiting, measured).
+            compute=ray.data.ActorPoolStrategy(size=min(concurrency, len(pending))),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
         )
