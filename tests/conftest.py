@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from infu.raycluster import ensure_ray_token, use_token_auth_if_present
@@ -34,8 +36,11 @@ def _shared(sub: str) -> Path:
 
 
 def kill_job_midway(command: list[str], shards_dir: Path, after: int) -> int:
-    """Run ``command`` (a job with its own local Ray) and SIGKILL its whole process group once ``after``
-    shards are committed in ``shards_dir``; returns how many were committed by then."""
+    """Run ``command`` (a job with its own local Ray) and SIGKILL its whole session once ``after`` shards
+    are committed in ``shards_dir``; returns how many were committed by then.
+
+    The session, not the process group: Ray workers lead process groups of their own, and one that
+    outlived the kill could still commit a shard after the count."""
     job = subprocess.Popen(
         command,
         cwd=PROJECT_ROOT,
@@ -46,9 +51,25 @@ def kill_job_midway(command: list[str], shards_dir: Path, after: int) -> int:
     deadline = time.monotonic() + 180
     while len(committed_shards(shards_dir)) < after and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
+    _kill_session(job.pid)
     job.wait(timeout=30)
     return len(committed_shards(shards_dir))
+
+
+def _kill_session(session_id: int) -> None:
+    """SIGKILL every process of a session and wait until none is left."""
+    members = [process for process in psutil.process_iter() if _session_of(process) == session_id]
+    for process in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(members, timeout=30)
+
+
+def _session_of(process: psutil.Process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except OSError:
+        return None
 
 
 def kill_step_job_midway(step: str, config: Path, overrides: list[str], shards_dir: Path, after: int) -> int:
