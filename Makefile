@@ -2,14 +2,30 @@
 VENV ?= .venv
 PYTHON ?= python3
 PIP := $(VENV)/bin/pip install --disable-pip-version-check --quiet
-STAMP := $(VENV)/.installed
+# MACHINE: cpu (default) or gpu (`make install MACHINE=gpu`); a venv installed for gpu stays gpu.
+# onnxruntime and onnxruntime-gpu write the same package folder and insightface always pulls the CPU
+# build, so the gpu install removes both and puts onnxruntime-gpu back alone; then
+# `python -m infu.face.providers` checks that exactly the machine's build is there.
+MACHINE ?= $(if $(wildcard $(VENV)/.installed-gpu),gpu,cpu)
+STAMP := $(VENV)/.installed-$(MACHINE)
+ifneq ($(filter-out cpu gpu,$(MACHINE)),)
+$(error MACHINE must be cpu or gpu, not $(MACHINE))
+endif
 
-.PHONY: demo test bench lint clean
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[$(MACHINE),dev]'
+ifeq ($(MACHINE),gpu)
+	$(VENV)/bin/pip uninstall --quiet --yes onnxruntime onnxruntime-gpu
+	$(PIP) --no-deps onnxruntime-gpu
+endif
+	$(VENV)/bin/python -m infu.face.providers $(MACHINE)
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 
 demo: $(STAMP)

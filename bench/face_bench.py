@@ -97,7 +97,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         root = write_tiny_pack(Path(folder), "tinypack")
-        config = FaceConfig(backend="insightface", model_root=root, pack_name="tinypack")
+        config = FaceConfig(
+            backend="insightface", model_root=root, pack_name="tinypack", recognizer="glintr100"
+        )
         bench("insightface, tiny ONNX pack", config, square_images(64), args.batch_size, args.rounds)
 
 

@@ -78,7 +78,7 @@ class FilterThresholds(Section):
         gt=-1,
         lt=1,
         description="face-embedding cosine at or above which two faces are one person (held-out identities, "
-        "identity clusters); null = the face backend's default (dlib 0.92, ArcFace 0.4)",
+        "identity clusters); null = the recognizer's default (dlib 0.92, ArcFace 0.4)",
     )
 
 

@@ -3,7 +3,10 @@
 Each adapter takes the dataset root as ``config.path`` and reads its own annotation files from there
 (``config.captions`` is not used). Items carry ``source_path`` relative to the root, ``caption`` (text
 shipped with the dataset, else None) and, where the dataset has them, ``identity`` (a string: celebrity,
-subject, clip or video-person id) and ``attributes`` (list of attribute strings, a hint for captioning).
+subject, clip or video-person id) and ``attributes`` (attribute name -> value string, a hint for
+captioning: CelebA's 40 as ``"true"``/``"false"``, CelebV-HQ's positive labels as ``"true"`` and its
+emotions under ``"emotion"``, CosmicManHQ's annotated values); several values of one name are joined
+with ``", "``.
 Folders are walked in sorted order; annotation files are streamed or held as compact per-file values.
 See docs/datasets.md for the layouts and what is ignored.
 """
@@ -14,7 +17,7 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -135,7 +138,11 @@ class CelebASource(DatasetSource):
         for relative in self._walk_images():
             file_name = PurePosixPath(relative).name
             mask = masks.get(file_name)
-            attributes = None if mask is None else [name for bit, name in enumerate(names) if mask >> bit & 1]
+            attributes = (
+                None
+                if mask is None
+                else {name: "true" if mask >> bit & 1 else "false" for bit, name in enumerate(names)}
+            )
             identity = identities.get(file_name)
             yield {
                 "source_path": relative,
@@ -261,7 +268,8 @@ class VideoFramesSource(DatasetSource):
 
 class CelebVHQSource(VideoFramesSource):
     """CelebV-HQ frames; attributes per clip from ``celebvhq_info.json`` (appearance and action labels
-    set to 1, and the clip's emotions). The JSON (~36k clips) is loaded whole and kept as name lists.
+    set to 1 as ``"true"``, and the clip's emotions under ``"emotion"``). The JSON (~36k clips) is loaded
+    whole and kept as one small dict per clip.
     """
 
     INFO_FILE = "celebvhq_info.json"
@@ -271,7 +279,7 @@ class CelebVHQSource(VideoFramesSource):
         attributes = self._clip_attributes()
         return lambda clip: {"caption": None, "identity": clip or None, "attributes": attributes.get(clip)}
 
-    def _clip_attributes(self) -> dict[str, list[str]]:
+    def _clip_attributes(self) -> dict[str, dict[str, str]]:
         path = self.root / self.INFO_FILE
         if not path.is_file():
             return {}
@@ -291,11 +299,12 @@ class CelebVHQSource(VideoFramesSource):
         for clip, entry in clips:
             try:
                 labels = entry["attributes"]
-                attributes[clip] = (
-                    _positive(labels["appearance"], appearance_names)
-                    + _positive(labels["action"], action_names)
-                    + _emotions(labels["emotion"])
-                )
+                appearance = _positive(labels["appearance"], appearance_names)
+                actions = _positive(labels["action"], action_names)
+                attributes[clip] = {
+                    **dict.fromkeys(appearance + actions, "true"),
+                    "emotion": _emotions(labels["emotion"]),
+                }
             except (KeyError, TypeError, ValueError) as error:
                 raise SourceError(f"{path}: clip {clip!r}: malformed attributes ({error!r})") from None
         return attributes
@@ -346,7 +355,7 @@ class VFHQSource(VideoFramesSource):
 class CosmicManHQSource(DatasetSource):
     """CosmicManHQ-1.0: Parquet annotations in ``label/*.parquet``, one row per image with its
     root-relative ``path``; caption = the ``caption`` column when the files have one; attributes = the
-    ``person_type`` and the ``aa_text`` body-part attributes as ``"<name>: <value>"``.
+    ``person_type`` and the ``aa_text`` body-part attributes by name.
 
     Only images listed in the annotations are read (rows streamed in batches); the human-parsing maps
     (``segm_path``) are not images to ingest.
@@ -403,11 +412,16 @@ def _positive(flags: list[int], names: list[str]) -> list[str]:
     return [name for name, flag in zip(names, flags, strict=True) if flag == 1]
 
 
-def _emotions(emotion: dict[str, Any]) -> list[str]:
+def _emotions(emotion: dict[str, Any]) -> str:
     """CelebV-HQ ``emotion``: one label, or with ``sep_flag`` a list of timed ``{"emotion": ...}``."""
     if not emotion["sep_flag"]:
-        return [str(emotion["labels"])]
-    return list(dict.fromkeys(str(segment["emotion"]) for segment in emotion["labels"]))
+        return str(emotion["labels"])
+    return _join_distinct(str(segment["emotion"]) for segment in emotion["labels"])
+
+
+def _join_distinct(values: Iterable[str]) -> str:
+    """The distinct values in first-seen order, joined with ``", "``."""
+    return ", ".join(dict.fromkeys(values))
 
 
 def _relative_path(value: Any, where: str) -> str:
@@ -417,18 +431,19 @@ def _relative_path(value: Any, where: str) -> str:
     return path.as_posix()
 
 
-def _cosmicman_attributes(person_type: Any, aa_text: Any, where: str) -> list[str] | None:
-    """``person_type`` and the non-empty ``aa_text`` values (a JSON list of per-body-part dicts or nulls)."""
+def _cosmicman_attributes(person_type: Any, aa_text: Any, where: str) -> dict[str, str] | None:
+    """``person_type`` and the non-empty ``aa_text`` values (a JSON list of per-body-part dicts or nulls)
+    by name; a name found in several body parts (``material``, ``color``...) gets their distinct values."""
     if person_type is None and aa_text is None:
         return None
-    attributes = [f"person_type: {person_type}"] if person_type else []
+    values: dict[str, list[str]] = {"person_type": [str(person_type)]} if person_type else {}
     if isinstance(aa_text, str):
         try:
             aa_text = json.loads(aa_text)
         except json.JSONDecodeError as error:
             raise SourceError(f"{where}: `aa_text` is not valid JSON ({error.msg})") from None
     if aa_text is None:
-        return attributes
+        return _joined(values)
     if not isinstance(aa_text, list):
         raise SourceError(f"{where}: `aa_text` should be a list of body-part attributes")
     for part in aa_text:
@@ -440,8 +455,15 @@ def _cosmicman_attributes(person_type: Any, aa_text: Any, where: str) -> list[st
             raise SourceError(
                 f"{where}: `aa_text` entries should map attribute names to values, got {part!r}"
             )
-        attributes.extend(f"{name}: {value}" for name, value in part.items() if value not in (None, ""))
-    return attributes
+        for name, value in part.items():
+            if value not in (None, ""):
+                values.setdefault(name, []).append(str(value))
+    return _joined(values)
+
+
+def _joined(values: dict[str, list[str]]) -> dict[str, str]:
+    """Attribute name -> its values, as name -> the distinct values joined."""
+    return {name: _join_distinct(found) for name, found in values.items()}
 
 
 DATASET_SOURCES: dict[str, type[Source]] = {

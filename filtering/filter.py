@@ -11,6 +11,9 @@ Three resumable phases, each committing atomically:
    dataset -> ``filter/_global/decisions/<shard>.parquet``, partitioned by shard.
 3. **write**: the final shards in ``filter/`` with the kept samples' original bytes and every input
    sample's record, kept or rejected, with all its scores; each shard reads only its own decisions.
+
+The dataset's columns (``identity``, ``attributes``, captions) pass through unchanged; a face embedding
+is stored with the recognizer's ``face_embedding_space``, which the manifest records too.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from filtering.identity import SAME_IDENTITY_SIMILARITY, HeldOutIdentities
 from infu.config import InfuConfig
 from infu.face import Face, FaceAnalyzer, FaceConfig, load_face_analyzer
 from infu.images import BadImageError, decode_image, extension_for_mime
+from infu.index import DatasetIndex
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, summarize
 from infu.quality.config import QualityConfig
-from infu.records import RejectReason, Status, reject, table_to_records
+from infu.records import RejectReason, Status, reject
 from infu.runner import Phase, ShardTask, Stage, StageOutput, run_phase, run_reduce, stage
-from infu.shards import TarReader, committed_shards, read_stats
+from infu.shards import TarReader, committed_shards, read_parquet_records, read_stats
 from infu.steps import StepError
 
 STEP = "filter"
@@ -176,7 +180,7 @@ def _held_out_folders(root: Path) -> dict[str, list[Path]]:
 
 def read_input_shard(ref: dict[str, Any]) -> list[dict[str, Any]]:
     """A shard's records (+ the tar holding their bytes), with its global decisions applied when given."""
-    records = table_to_records(pq.read_table(ref["records"]))
+    records = read_parquet_records(Path(ref["records"]))
     if "decisions" in ref:
         decisions = {row["key"]: row for row in pq.read_table(ref["decisions"]).to_pylist()}
         for record in records:
@@ -260,6 +264,7 @@ class ScoreStage(Stage):
             record.update(
                 faces=_face_rows(faces),
                 face_embedding=[float(value) for value in faces[0].embedding] if faces else None,
+                face_embedding_space=self.analyzer.embedding_space if faces else None,
                 scores={**(record.get("scores") or {}), **scores},
                 bucket_width=bucket_width,
                 bucket_height=bucket_height,
@@ -290,14 +295,27 @@ class AttachImageStage(Stage):
 
 
 def with_identity_threshold(settings: FilterConfig, face: FaceConfig) -> FilterConfig:
-    """The settings with the same-identity cosine made explicit (the face backend's default if unset)."""
+    """The settings with the same-identity cosine made explicit (the recognizer's default if unset)."""
     rules = settings.thresholds
     if rules.same_identity_similarity is not None:
         return settings
-    threshold = SAME_IDENTITY_SIMILARITY[face.backend]
+    threshold = SAME_IDENTITY_SIMILARITY[face.recognizer]
     return settings.model_copy(
         update={"thresholds": rules.model_copy(update={"same_identity_similarity": threshold})}
     )
+
+
+def scored_embedding_space(scored_dir: Path) -> str | None:
+    """The embedding space of the faces scored in ``scored_dir`` (None before any face); shards that mix
+    spaces are an error: identities cannot be clustered across them."""
+    rows = DatasetIndex(scored_dir).query(
+        "SELECT DISTINCT face_embedding_space AS space FROM samples"
+        " WHERE face_embedding_space IS NOT NULL ORDER BY space"
+    )
+    spaces = [row["space"] for row in rows]
+    if len(spaces) > 1:
+        raise StepError(f"the scored shards in {scored_dir} mix face embedding spaces {spaces}")
+    return spaces[0] if spaces else None
 
 
 def shard_tasks(names: list[str], **folders: Path) -> list[ShardTask]:
@@ -334,6 +352,7 @@ def run_filter(config: InfuConfig) -> dict[str, Any]:
         )
     )
     run: dict[str, Any] = {"score": score.as_dict()}
+    embedding_space = scored_embedding_space(out_dir / SCORED)
     failed = score.failed
     if not failed:
         run["global"] = run_reduce(
@@ -359,5 +378,6 @@ def run_filter(config: InfuConfig) -> dict[str, Any]:
     return output.complete(
         failed_shards=failed,
         inputs={"shards": str(input_dir), "samples": summarize(read_stats(input_dir))["samples"]},
+        embedding_space=embedding_space,
         run=run,
     )

@@ -60,7 +60,8 @@ from filtering.dedup import (
     pairs_in_tables,
     table_masks,
 )
-from filtering.identity import leaders_in_order, normalize_rows
+from filtering.identity import leaders_in_order
+from infu.face.base import normalize_rows
 from infu.records import RejectReason, Status
 from infu.shards import committed_shards
 

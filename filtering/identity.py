@@ -17,24 +17,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infu.face import FaceAnalyzer
+from infu.face.base import normalize_rows
 
-SAME_IDENTITY_SIMILARITY = {"dlib": 0.92, "insightface": 0.4}
-"""Default cosine similarity at or above which two faces are taken for one person, per face backend.
+SAME_IDENTITY_SIMILARITY = {"dlib": 0.92, "arcface_ir_se50": 0.4, "glintr100": 0.4}
+"""Default cosine similarity at or above which two faces are taken for one person, per embedding space.
 
 dlib: its documented rule is euclidean distance < 0.6 between *raw* descriptors, whose norms measure
 1.35-1.6 (about 1.5); on normalised descriptors that is ``cos > 1 - 0.6**2 / (2 * 1.5**2) = 0.92``.
 Normalised dlib descriptors of different people are far from orthogonal: 0.78-0.93 on the sample corpus
-and LFW photos, same person 0.96-1.0 (see tests/test_identity.py). ArcFace (antelopev2 glintr100):
-different people sit near 0, the same person typically above 0.4."""
+and LFW photos, same person 0.96-1.0 (see tests/test_identity.py). ArcFace (IR-SE50, antelopev2's
+glintr100): different people sit near 0, the same person typically above 0.4."""
 
 _BLOCK = 4096
-
-
-def normalize_rows(embeddings: npt.ArrayLike) -> np.ndarray:
-    """Rows scaled to unit L2 norm as float32 (zero rows stay zero)."""
-    matrix = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.where(norms > 0, norms, 1.0)
 
 
 def _best_match(queries: np.ndarray, blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -84,17 +78,17 @@ class HeldOutIdentities:
     """(k,) object: the identity of each reference embedding (a person may have several)."""
     embeddings: np.ndarray
     """(k, D) float32, L2-normalised."""
-    backend: str = "dlib"
-    """Face backend that made the embeddings: picks the default threshold."""
+    embedding_space: str = "dlib"
+    """Recognizer that made the embeddings: picks the default threshold."""
 
     @classmethod
     def from_embeddings(
-        cls, names: Sequence[str], embeddings: npt.ArrayLike, backend: str = "dlib"
+        cls, names: Sequence[str], embeddings: npt.ArrayLike, embedding_space: str = "dlib"
     ) -> HeldOutIdentities:
         matrix = normalize_rows(embeddings) if len(names) else np.empty((0, 0), dtype=np.float32)
         if len(matrix) != len(names):
             raise ValueError(f"{len(names)} names for {len(matrix)} embeddings")
-        return cls(np.array(names, dtype=object), matrix, backend)
+        return cls(np.array(names, dtype=object), matrix, embedding_space)
 
     @classmethod
     def from_images(
@@ -107,17 +101,17 @@ class HeldOutIdentities:
             for path in [paths] if isinstance(paths, (str, Path)) else paths:
                 embeddings.append(analyzer.require_largest(Path(path)).embedding)
                 names.append(name)
-        return cls.from_embeddings(names, embeddings, analyzer.backend)
+        return cls.from_embeddings(names, embeddings, analyzer.embedding_space)
 
     @property
     def default_threshold(self) -> float:
-        return SAME_IDENTITY_SIMILARITY[self.backend]
+        return SAME_IDENTITY_SIMILARITY[self.embedding_space]
 
     def match(
         self, embeddings: npt.ArrayLike, threshold: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per face: the most similar held-out name if its cosine >= ``threshold`` (else None), and that
-        highest cosine (-1 when there are no references). ``threshold`` defaults per backend."""
+        highest cosine (-1 when there are no references). ``threshold`` defaults per embedding space."""
         threshold = self.default_threshold if threshold is None else threshold
         queries = normalize_rows(embeddings)
         blocks = [self.embeddings[start : start + _BLOCK] for start in range(0, len(self.embeddings), _BLOCK)]

@@ -1,11 +1,12 @@
 """Ingest: a raw source -> raw shards (original bytes + one record per input file).
 
-Every input file becomes a record: readable images are kept with their size and mime; unreadable
-files, non-images, corrupt or truncated images, decompression bombs and tiny images are rejected
-with a reason, and so are the inputs the source refuses (listed with a ``reject`` entry, or refused
-by its ``read``: special files, refused symlinks, duplicate tar members, damaged tars). The source is
-listed once per output identity into ``_listing/`` (one Parquet of item descriptors per shard), so a
-rerun cuts exactly the same shards and skips the committed ones.
+Every input file becomes a record, with the dataset's caption, identity and attributes when the source
+has them: readable images are kept with their size and mime; unreadable files, non-images, corrupt or
+truncated images, decompression bombs and tiny images are rejected with a reason, and so are the
+inputs the source refuses (listed with a ``reject`` entry, or refused by its ``read``: special files,
+refused symlinks, duplicate tar members, damaged tars). The source is listed once per output identity
+into ``_listing/`` (one Parquet of item descriptors per shard), so a rerun cuts exactly the same
+shards and skips the committed ones.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ class IngestStage(Stage):
     def _process(self, item: dict[str, Any]) -> StageOutput:
         assert self.source is not None, "setup() first"
         captions = {"original": item["caption"]} if item.get("caption") else None
-        record = new_record(self.config.source.dataset, item["source_path"], captions=captions)
+        record = new_record(
+            self.config.source.dataset,
+            item["source_path"],
+            identity=item.get("identity"),
+            attributes=item.get("attributes"),
+            captions=captions,
+        )
         refused = item.get("reject")
         if refused:
             return StageOutput(reject(record, refused["reason"], refused["detail"]))

@@ -1,9 +1,9 @@
 """The sample record: one Arrow schema shared by every step.
 
-Ingest fills the identity and image columns; later steps fill the nullable ones (faces, identity
-embedding, scores, captions per source, aspect-ratio bucket). A record is a plain ``dict`` whose keys
-are the schema's field names, so rows move unchanged between Parquet, the per-sample ``.json`` in a
-shard tar, Ray Data and DuckDB.
+Ingest fills the key, image and dataset annotation columns (``identity``, ``attributes``); later steps
+fill the nullable ones (faces, identity embedding and its space, scores, captions per source,
+aspect-ratio bucket). A record is a plain ``dict`` whose keys are the schema's field names, so rows
+move unchanged between Parquet, the per-sample ``.json`` in a shard tar, Ray Data and DuckDB.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added ``identity``, ``attributes`` and ``face_embedding_space``: the readers of :mod:`infu.shards`
+return them null for shards of version 1."""
 
 
 class Status(StrEnum):
@@ -61,14 +63,19 @@ FACE_TYPE = pa.struct(
     ]
 )
 """A detected face: x1,y1,x2,y2; detection score; 5 ArcFace keypoints flattened x0,y0..x4,y4; pose."""
-# Columns later steps fill: faces and the largest face's identity embedding, its identity cluster within
-# the dataset, a 64-bit perceptual hash (stored as signed int64), scores by name, captions by source.
+# Columns from the dataset: its identity id (dataset-scoped: class folder, celebrity, clip...) and its
+# attributes by name. Columns later steps fill: faces and the largest face's identity embedding, the
+# recognizer space it is in ("dlib", "arcface_ir_se50", "glintr100"), its identity cluster within the
+# dataset (found by the filter), a 64-bit perceptual hash (stored as signed int64), scores by name,
+# captions by source.
 
 SAMPLE_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("source_path", pa.string(), nullable=False),
+        pa.field("identity", pa.string()),
+        pa.field("attributes", pa.map_(pa.string(), pa.string())),
         pa.field("sha256", pa.string()),
         pa.field("size_bytes", pa.int64()),
         pa.field("width", pa.int32()),
@@ -80,6 +87,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("shard", pa.string()),
         pa.field("faces", pa.list_(FACE_TYPE)),
         pa.field("face_embedding", pa.list_(pa.float32())),
+        pa.field("face_embedding_space", pa.string()),
         pa.field("identity_cluster", pa.string()),
         pa.field("phash", pa.int64()),
         pa.field("scores", pa.map_(pa.string(), pa.float64())),
@@ -90,7 +98,7 @@ SAMPLE_SCHEMA = pa.schema(
     metadata={b"infu_schema_version": str(SCHEMA_VERSION).encode()},
 )
 
-_MAP_COLUMNS = ("scores", "captions")
+_MAP_COLUMNS = ("attributes", "scores", "captions")
 
 
 def sample_key(dataset: str, source_path: str) -> str:
@@ -123,6 +131,11 @@ def new_record(dataset: str, source_path: str, **values: Any) -> dict[str, Any]:
         raise KeyError(f"not sample columns: {sorted(unknown)}")
     record.update(values)
     return record
+
+
+def with_every_column(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (maybe of an older schema version) with the columns it lacks set to None."""
+    return {**dict.fromkeys(SAMPLE_SCHEMA.names), **record}
 
 
 def reject(record: dict[str, Any], reason: RejectReason | str, detail: str | None = None) -> dict[str, Any]:

@@ -11,6 +11,9 @@ All three are written under ``_tmp/`` and renamed into place, the stats file las
 if and only if its stats file exists**. A writer killed at any point leaves no shard (only temp files
 or stats-less leftovers, which :func:`clean_uncommitted` removes), so resuming means redoing every
 shard whose stats file is missing.
+
+The readers here return every record with :data:`SAMPLE_SCHEMA`'s columns: shards of an older schema
+version read with the columns it lacked set to null.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from infu.paths import write_atomic
-from infu.records import SAMPLE_SCHEMA, Status, records_to_table, table_to_records
+from infu.records import SAMPLE_SCHEMA, Status, records_to_table, table_to_records, with_every_column
 
 TMP_DIR = "_tmp"
 STATS_SUFFIX = "_stats.json"
@@ -182,11 +185,16 @@ def tar_paths(out_dir: Path) -> list[Path]:
     return [Path(out_dir) / f"{name}.tar" for name in committed_shards(out_dir)]
 
 
+def read_parquet_records(path: Path) -> list[dict[str, Any]]:
+    """The records of one shard's Parquet file."""
+    return table_to_records(pq.read_table(path, schema=SAMPLE_SCHEMA))
+
+
 def read_records(out_dir: Path) -> list[dict[str, Any]]:
     """Every record (kept and rejected) of the committed shards, in shard order."""
     records: list[dict[str, Any]] = []
     for path in parquet_paths(out_dir):
-        records += table_to_records(pq.read_table(path, schema=SAMPLE_SCHEMA))
+        records += read_parquet_records(path)
     return records
 
 
@@ -241,7 +249,7 @@ def iter_tar(path: Path) -> Iterator[Sample]:
 
 
 def _sample(members: dict[str, bytes]) -> Sample:
-    record = json.loads(members.pop("json"))
+    record = with_every_column(json.loads(members.pop("json")))
     (extension, image), *_ = members.items()
     return Sample(record=record, image=image, extension=extension)
 

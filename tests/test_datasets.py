@@ -1,10 +1,12 @@
-"""Dataset adapters on small synthetic trees in each dataset's distributed layout."""
+"""Dataset adapters on small synthetic trees in each dataset's distributed layout; identities and
+attributes through ingest and filter on real photos."""
 
 from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
+import shutil
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -14,7 +16,15 @@ from PIL import Image
 
 from filtering.config import SourceConfig
 from filtering.datasets import DATASET_SOURCES, VIDEO_NOTE, DatasetSource
+from filtering.filter import run_filter
+from filtering.ingest import run_ingest
 from filtering.sources import Source, SourceError, open_source
+from infu.config import load_config
+from infu.shards import iter_samples, read_records
+
+from .conftest import PROJECT_ROOT
+
+EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 
 CELEBA_ATTRIBUTES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
@@ -120,6 +130,11 @@ def test_millioncelebs_identity_is_the_first_folder(tmp_path):
     assert source.ignored == {"<none>": 1}
 
 
+def celeba_attributes(positive: set[str]) -> dict[str, str]:
+    """Every CelebA attribute of one image by name: ``"true"`` for the positive ones, else ``"false"``."""
+    return {name: "true" if name in positive else "false" for name in CELEBA_ATTRIBUTES}
+
+
 def celeba_attribute_line(name: str, positive: set[str]) -> str:
     values = " ".join(f"{1 if attribute in positive else -1:>2}" for attribute in CELEBA_ATTRIBUTES)
     return f"{name} {values}\n"
@@ -146,6 +161,12 @@ def celeba(tmp_path) -> Path:
 
 def test_celeba_attributes_and_identities_come_from_the_annotations(celeba):
     source = open_dataset("celeba", celeba)
+    first = celeba_attributes({"Arched_Eyebrows", "Smiling", "Young"})
+    assert len(first) == 40 and [name for name, value in first.items() if value == "true"] == [
+        "Arched_Eyebrows",
+        "Smiling",
+        "Young",
+    ]
     check_items(
         source,
         [
@@ -153,13 +174,13 @@ def test_celeba_attributes_and_identities_come_from_the_annotations(celeba):
                 "source_path": "img_align_celeba/000001.jpg",
                 "caption": None,
                 "identity": "2880",
-                "attributes": ["Arched_Eyebrows", "Smiling", "Young"],
+                "attributes": first,
             },
             {
                 "source_path": "img_align_celeba/000002.jpg",
                 "caption": None,
                 "identity": "2937",
-                "attributes": [],
+                "attributes": celeba_attributes(set()),
             },
             {
                 "source_path": "img_align_celeba/000003.jpg",
@@ -311,7 +332,7 @@ def test_celebv_hq_frames_with_clip_attributes(celebv_hq):
     first_clip = {
         "caption": None,
         "identity": "M2Ohb0FAaJU_1",
-        "attributes": ["Male", "Young", "talk", "neutral"],
+        "attributes": {"Male": "true", "Young": "true", "talk": "true", "emotion": "neutral"},
     }
     check_items(
         source,
@@ -322,7 +343,7 @@ def test_celebv_hq_frames_with_clip_attributes(celebv_hq):
                 "source_path": "frames/_0tf2n3rlJU_0/000000.jpg",
                 "caption": None,
                 "identity": "_0tf2n3rlJU_0",
-                "attributes": ["Young", "neutral", "happy"],
+                "attributes": {"Young": "true", "emotion": "neutral, happy"},
             },
             {
                 "source_path": "frames/unlisted_0/000000.png",
@@ -420,6 +441,9 @@ def cosmicman(tmp_path) -> Path:
         {"country": "asian", "age": "young", "gender": "woman"},
         None,
         {"background": "street", "x": ""},
+        {"pattern": "plain", "material": "cotton", "type": "shirt"},
+        {"material": "denim", "type": "jeans"},
+        {"material": "cotton"},
     ]
     write_labels(
         tmp_path,
@@ -461,16 +485,19 @@ def test_cosmicman_items_come_from_the_parquet_annotations(cosmicman):
             {
                 "source_path": f"{images}/000000001.jpg",
                 "caption": "a young woman on a street",
-                "attributes": [
-                    "person_type: portrait",
-                    "country: asian",
-                    "age: young",
-                    "gender: woman",
-                    "background: street",
-                ],
+                "attributes": {
+                    "person_type": "portrait",
+                    "country": "asian",
+                    "age": "young",
+                    "gender": "woman",
+                    "background": "street",
+                    "pattern": "plain",
+                    "material": "cotton, denim",
+                    "type": "shirt, jeans",
+                },
             },
             {"source_path": f"{images}/000000002.png", "caption": None, "attributes": None},
-            {"source_path": f"{images}/000000004.jpg", "caption": None, "attributes": []},
+            {"source_path": f"{images}/000000004.jpg", "caption": None, "attributes": {}},
         ],
     )
     assert source.describe()["ignored_files"] == {"<none>": 1}
@@ -497,3 +524,80 @@ def test_cosmicman_malformed_rows_name_file_and_row(cosmicman):
     (cosmicman / "empty").mkdir()
     with pytest.raises(SourceError, match="no .parquet annotations"):
         list(open_dataset("cosmicman_hq", cosmicman / "empty").iter_items())
+
+
+def ingest_and_filter(kind: str, root: Path, run_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Run ingest and filter (embedded profile) on a dataset layout: each step's records by source path
+    (the kept samples' tar records equal to their Parquet rows)."""
+    config = load_config(
+        EMBEDDED,
+        [
+            f"run.run_dir={run_dir}",
+            f"ingest.source.kind={kind}",
+            f"ingest.source.path={root}",
+            f"ingest.source.dataset={kind}",
+        ],
+    )
+    run_ingest(config)
+    run_filter(config)
+    kept = [record for record in read_records(config.step_dir("filter")) if record["status"] == "ok"]
+    assert [sample.record for sample in iter_samples(config.step_dir("filter"))] == kept
+    return {
+        step: {record["source_path"]: record for record in read_records(config.step_dir(step))}
+        for step in ("ingest", "filter")
+    }
+
+
+def dataset_columns(rows: dict[str, dict[str, Any]]) -> dict[str, tuple]:
+    return {path: (row["identity"], row["attributes"]) for path, row in rows.items()}
+
+
+@pytest.mark.slow
+def test_vggface2_identities_go_through_ingest_and_filter(local_ray, shared_faces, tmp_path):
+    root = tmp_path / "vggface2"
+    for relative, photo in {
+        "train/n000001/0001_01.jpg": "bulk__Rob_Lowe_0001.jpg",
+        "train/n000002/0001_01.jpg": "bulk__Nathalie_Baye_0002.jpg",
+        "test/n000003/0001_01.jpg": "images__t1.jpg",
+    }.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_faces / photo, root / relative)
+    write_image(root, "train/n000002/0002_01.jpg")  # 8x6 px: rejected by ingest
+    rows = ingest_and_filter("vggface2", root, tmp_path / "run")
+
+    expected = {path: (PurePosixPath(path).parent.name, None) for path in rows["ingest"]}
+    assert len(expected) == 4
+    assert dataset_columns(rows["ingest"]) == dataset_columns(rows["filter"]) == expected
+    assert {path: row["reject_reason"] for path, row in rows["filter"].items()} == {
+        "train/n000001/0001_01.jpg": None,
+        "train/n000002/0001_01.jpg": None,
+        "test/n000003/0001_01.jpg": "multiple_faces",
+        "train/n000002/0002_01.jpg": "too_small",
+    }
+    assert {path: row["face_embedding_space"] for path, row in rows["filter"].items()} == {
+        "train/n000001/0001_01.jpg": "dlib",
+        "train/n000002/0001_01.jpg": "dlib",
+        "test/n000003/0001_01.jpg": "dlib",
+        "train/n000002/0002_01.jpg": None,
+    }
+
+
+@pytest.mark.slow
+def test_celeba_identities_and_attributes_go_through_ingest_and_filter(
+    local_ray, shared_faces, celeba, tmp_path_factory
+):
+    shutil.copy(shared_faces / "bulk__Rob_Lowe_0001.jpg", celeba / "img_align_celeba/000001.jpg")
+    shutil.copy(shared_faces / "images__t1.jpg", celeba / "img_align_celeba/000002.jpg")
+    rows = ingest_and_filter("celeba", celeba, tmp_path_factory.mktemp("run"))
+
+    expected = {
+        "img_align_celeba/000001.jpg": ("2880", celeba_attributes({"Arched_Eyebrows", "Smiling", "Young"})),
+        "img_align_celeba/000002.jpg": ("2937", celeba_attributes(set())),
+        "img_align_celeba/000003.jpg": (None, None),  # not in the annotations
+    }
+    assert dataset_columns(rows["ingest"]) == dataset_columns(rows["filter"]) == expected
+    assert {path: row["reject_reason"] for path, row in rows["filter"].items()} == {
+        "img_align_celeba/000001.jpg": None,
+        "img_align_celeba/000002.jpg": "multiple_faces",
+        "img_align_celeba/000003.jpg": "too_small",
+    }

@@ -1,4 +1,4 @@
-"""Model-free parts of the face stack: alignment, similarity, head pose maths, control image, padding."""
+"""Model-free parts of the face stack: alignment, similarity, head pose maths, control image, pose photo."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from infu.face import (
     draw_keypoints_control,
     id_loss,
     largest_face,
-    resize_and_pad,
+    resize_and_pad_image,
 )
 from infu.face.align import alignment_matrix, similarity_transform
 from infu.face.pose import five_keypoints, generic_face_3d, head_pose, rotation_to_pose
@@ -176,15 +176,73 @@ def test_black_control_is_all_black():
     assert not np.asarray(control).any()
 
 
-def test_resize_and_pad_fits_centres_and_maps_keypoints():
-    source = Image.new("RGB", (400, 200), (200, 100, 50))
-    padded = resize_and_pad(source, (100, 100), np.array([[0, 0], [400, 200], [200, 100]]))
-    pixels = np.asarray(padded.image)
-    assert padded.image.size == (100, 100)
-    assert padded.scale == (0.25, 0.25) and padded.offset == (0, 25)
-    assert not pixels[:25].any() and not pixels[75:].any()
-    assert np.abs(pixels[25:75].astype(int) - (200, 100, 50)).max() <= 1
-    assert np.allclose(padded.kps, [[0, 25], [100, 75], [50, 50]])
-    tall = resize_and_pad(Image.new("RGB", (50, 100), (255, 255, 255)), (300, 100))
-    assert tall.offset == (125, 0) and tall.kps is None
-    assert np.asarray(tall.image)[:, 125:175].min() >= 254 and not np.asarray(tall.image)[:, :125].any()
+GREY = 100
+MARK = (200, 40, 160)
+WHITE = (255, 255, 255)
+
+
+def _marked_photo(size: tuple[int, int], mark: tuple[int, int, int, int]) -> Image.Image:
+    """A grey photo of ``size`` (width, height) with a MARK rectangle ``mark`` (x0, y0, x1, y1)."""
+    width, height = size
+    pixels = np.full((height, width, 3), GREY, np.uint8)
+    x0, y0, x1, y1 = mark
+    pixels[y0:y1, x0:x1] = MARK
+    return Image.fromarray(pixels)
+
+
+def _close(pixels: np.ndarray, colour) -> bool:
+    return bool(np.abs(pixels.astype(int) - np.asarray(colour)).max() <= 2)
+
+
+# By hand: a portrait or square target takes new width W and new height int(W * h / w), a landscape one
+# new height H and new width int(H * w / h); the photo is pasted at ((W - new w) // 2, (H - new h) // 2).
+@pytest.mark.parametrize(
+    ("photo_size", "mark", "target", "pasted", "mark_on_canvas"),
+    [
+        # portrait photo into a portrait target: 240 x 320 (scale 0.8) at (0, 40), white above and below
+        ((300, 400), (100, 200, 150, 250), (240, 400), (0, 40, 240, 360), (80, 200, 120, 240)),
+        # landscape photo into a portrait target: 240 x 120 (scale 0.6) at (0, 140)
+        ((400, 200), (100, 50, 200, 150), (240, 400), (0, 140, 240, 260), (60, 170, 120, 230)),
+        # the issue's case: 864 x 1536 (scale 1.2) at (0, -192), 192 rows cropped above and below
+        ((720, 1280), (300, 600, 350, 650), (864, 1152), (0, -192, 864, 1344), (360, 528, 420, 588)),
+        # portrait photo into a landscape target: 180 x 240 (scale 0.6) at (110, 0), white at the sides
+        ((300, 400), (100, 200, 150, 250), (400, 240), (110, 0, 290, 240), (170, 120, 200, 150)),
+        # landscape photo into a landscape target: 480 x 240 (scale 1.2) at (-40, 0), sides cropped
+        ((400, 200), (100, 50, 200, 150), (400, 240), (-40, 0, 440, 240), (80, 60, 200, 180)),
+    ],
+)
+def test_pose_photo_is_resized_and_padded_as_released(photo_size, mark, target, pasted, mark_on_canvas):
+    canvas = resize_and_pad_image(_marked_photo(photo_size, mark), target)
+    assert canvas.size == target and canvas.mode == "RGB"
+    pixels = np.asarray(canvas)
+    left, top, right, bottom = pasted
+    covered = np.zeros(pixels.shape[:2], bool)
+    covered[max(top, 0) : bottom, max(left, 0) : right] = True
+    np.testing.assert_array_equal((pixels == WHITE).all(axis=2), ~covered)
+    x0, y0, x1, y1 = mark_on_canvas
+    assert _close(pixels[y0 + 4 : y1 - 4, x0 + 4 : x1 - 4], MARK)  # LANCZOS blurs ~3 px at the edges
+    middle_x, middle_y = (x0 + x1) // 2, (y0 + y1) // 2
+    for x, y in ((x0 - 5, middle_y), (x1 + 4, middle_y), (middle_x, y0 - 5), (middle_x, y1 + 4)):
+        assert _close(pixels[y, x], (GREY,) * 3)
+
+
+def _row_numbered_photo(width: int, height: int) -> Image.Image:
+    """Each pixel's value is its row number, so the canvas shows which photo row landed where."""
+    rows = np.arange(height, dtype=np.uint8)[:, None, None]
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(rows, (height, width, 3))))
+
+
+def test_pose_photo_offsets_floor_and_sizes_truncate_as_released():
+    # the photo is as wide as the target: not resampled, only shifted
+    overflowing = np.asarray(resize_and_pad_image(_row_numbered_photo(80, 133), (80, 120)))
+    assert (overflowing[:, :, 0] == np.arange(7, 127)[:, None]).all()  # offset (120 - 133) // 2 = -7
+    padded = np.asarray(resize_and_pad_image(_row_numbered_photo(80, 101), (80, 120)))
+    assert (padded[:9] == 255).all() and (padded[110:] == 255).all()  # offset (120 - 101) // 2 = 9
+    assert (padded[9:110, :, 0] == np.arange(101)[:, None]).all()
+    # the release computes int(176 * (441 / 198)) = int(391.99999999999994) = 391 rows, at (400 - 391) // 2
+    rounded = np.asarray(resize_and_pad_image(Image.new("RGB", (198, 441), (GREY,) * 3), (176, 400)))
+    assert (rounded[:4] == 255).all() and (rounded[395:] == 255).all()
+    assert (rounded[4:395] == GREY).all()
+    # a side that truncates to 0 pixels keeps 1 (the release fails there)
+    strip = np.asarray(resize_and_pad_image(Image.new("RGB", (1000, 1), (GREY,) * 3), (16, 16)))
+    assert (strip[7] == GREY).all() and (np.delete(strip, 7, axis=0) == 255).all()

@@ -8,7 +8,6 @@ from pathlib import Path
 import insightface.app.face_analysis
 import insightface.model_zoo.model_zoo
 import numpy as np
-import onnxruntime
 import pytest
 from insightface.app import FaceAnalysis
 from insightface.app.common import Face as InsightFace
@@ -18,7 +17,7 @@ from insightface.model_zoo.scrfd import SCRFD
 from PIL import Image
 
 from infu.face import ARCFACE_TEMPLATE, BadImageError, FaceConfig, NoFaceError, load_face_analyzer
-from infu.face.insightface_backend import FaceModelsError, InsightFaceAnalyzer, select_providers
+from infu.face.insightface_backend import FaceModelsError, InsightFaceAnalyzer
 from infu.face.tiny_models import CELL, EMBEDDING_DIM, LANDMARK_YAW, white_square_image, write_tiny_pack
 
 PACK = "tinypack"
@@ -31,7 +30,15 @@ def pack_root(tmp_path_factory) -> Path:
 
 
 def _config(root: Path, **overrides) -> FaceConfig:
-    return FaceConfig(backend="insightface", model_root=root, pack_name=PACK, providers=CPU, **overrides)
+    """The tiny pack with its own recognizer (glintr100's place in antelopev2)."""
+    return FaceConfig(
+        backend="insightface",
+        model_root=root,
+        pack_name=PACK,
+        providers=CPU,
+        recognizer="glintr100",
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,7 @@ def test_models_are_routed_by_their_signatures_through_face_analysis(analyzer, p
     assert isinstance(analyzer.models["recognition"], ArcFaceONNX)
     assert isinstance(analyzer.models["landmark_3d_68"], Landmark)
     assert analyzer.folder == pack_root / "models" / PACK
-    assert analyzer.embedding_dim == EMBEDDING_DIM
+    assert (analyzer.embedding_dim, analyzer.embedding_space) == (EMBEDDING_DIM, "glintr100")
     assert analyzer.providers == CPU
 
 
@@ -153,15 +160,6 @@ def test_onnx_threads_reach_every_session(pack_root):
     analyzer = load_face_analyzer(_config(pack_root, onnx_threads=1))
     for model in analyzer.models.values():
         assert model.session.get_session_options().intra_op_num_threads == 1
-
-
-def test_providers_onnxruntime_lacks_are_skipped():
-    available = onnxruntime.get_available_providers()
-    requested = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert select_providers(requested) == [name for name in requested if name in available]
-    if "CUDAExecutionProvider" not in available:
-        with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
-            select_providers(["CUDAExecutionProvider"])
 
 
 def test_image_files_are_read_with_exif_orientation(analyzer, tmp_path):

@@ -35,7 +35,9 @@ def _png(pixels: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> FaceConfig:
     root = write_tiny_pack(tmp_path_factory.mktemp("insightface_root"), "tinypack")
-    return FaceConfig(backend="insightface", model_root=root, pack_name="tinypack", providers=CPU)
+    return FaceConfig(
+        backend="insightface", model_root=root, pack_name="tinypack", providers=CPU, recognizer="glintr100"
+    )
 
 
 def test_dlib_batch_adds_face_columns_and_keeps_the_input():

@@ -1,4 +1,5 @@
-"""The SPSS filter: decision rules, expected decisions on the sample corpus and real photos, kill/resume."""
+"""The SPSS filter: decision rules, expected decisions on the sample corpus and real photos, kill/resume,
+shards of schema version 1 as input."""
 
 from __future__ import annotations
 
@@ -10,15 +11,25 @@ import pytest
 from PIL import Image, ImageFilter
 
 from filtering.config import FilterThresholds
-from filtering.filter import SCORED, decide, face_sharpness, run_filter
+from filtering.filter import (
+    SCORED,
+    decide,
+    face_sharpness,
+    read_input_shard,
+    run_filter,
+    scored_embedding_space,
+)
+from filtering.global_phase import DECISIONS, compute_global_decisions
 from filtering.ingest import run_ingest
 from infu.config import load_config
 from infu.face import Face, HeadPose
 from infu.index import DatasetIndex
 from infu.sample_corpus import build_sample_corpus, read_labels
-from infu.shards import iter_samples, read_records
+from infu.shards import ShardWriter, iter_samples, read_records
+from infu.steps import StepError
 
 from .conftest import PROJECT_ROOT, kill_step_job_midway
+from .test_shards import V2_COLUMNS, full_record, write_v1_shard
 
 EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 GOOD = {
@@ -85,6 +96,56 @@ def test_face_sharpness_drops_with_blur(tmp_path):
     assert blurred < sharp / 4
 
 
+def test_scored_shards_of_schema_versions_1_and_2_go_through_the_global_and_write_phases(tmp_path):
+    """A run resumed across the upgrade: scored shard 000000 of version 1, 000001 of version 2. Three
+    near-duplicate pHashes of one face: the first key is kept, in one identity cluster."""
+    scored = tmp_path / SCORED
+    scored.mkdir()
+    old = write_v1_shard(scored, "000000", [full_record(0), full_record(1)])
+    with ShardWriter(scored, "000001", with_images=False) as writer:
+        writer.add(full_record(2))
+        writer.commit()
+    stats = compute_global_decisions(
+        scored, tmp_path / "global", FilterThresholds(max_phash_distance=4, same_identity_similarity=0.4)
+    )
+    assert stats["kept_rows"] == 3
+
+    rows = [
+        item["record"]
+        for shard in ("000000", "000001")
+        for item in read_input_shard(
+            {
+                "records": str(scored / f"{shard}.parquet"),
+                "decisions": str(tmp_path / "global" / DECISIONS / f"{shard}.parquet"),
+                "tar": "unused",
+            }
+        )
+    ]
+    assert [row["key"] for row in rows] == [record["key"] for record in [*old, full_record(2)]]
+    assert [[row[column] for column in V2_COLUMNS] for row in rows] == [
+        [None, None, None],
+        [None, None, None],
+        ["n000042", {"Smiling": "true", "Eyeglasses": "false", "emotion": "happy, neutral"}, "dlib"],
+    ]
+    first = min(rows, key=lambda row: row["key"])
+    assert [row["reject_reason"] for row in rows if row is not first] == ["duplicate", "duplicate"]
+    assert first["status"] == "ok" and first["identity_cluster"] is not None
+
+
+def test_the_manifest_embedding_space_is_the_one_space_of_the_scored_faces(tmp_path):
+    assert scored_embedding_space(tmp_path) is None
+    write_v1_shard(tmp_path, "000000", [full_record(0)])  # embedded before v2: space not recorded
+    assert scored_embedding_space(tmp_path) is None
+    for index, space in enumerate(("dlib", "dlib", "glintr100"), 1):
+        with ShardWriter(tmp_path, f"{index:06d}", with_images=False) as writer:
+            writer.add(dict(full_record(index), face_embedding_space=space))
+            writer.commit()
+    with pytest.raises(StepError, match=r"mix face embedding spaces \['dlib', 'glintr100'\]"):
+        scored_embedding_space(tmp_path)
+    (tmp_path / "000003_stats.json").unlink()
+    assert scored_embedding_space(tmp_path) == "dlib"
+
+
 CORPUS_SHARD_SIZE = 3
 """The sample corpus in six shards: enough to kill a filter job between two of them."""
 
@@ -114,10 +175,14 @@ def test_every_corpus_variant_gets_its_expected_decision(filtered_corpus):
     )
     assert {row["source_path"]: row["outcome"] for row in rows} == labels
     assert manifest["counts"]["samples"] == 18 and manifest["status"] == "complete"
+    assert manifest["embedding_space"] == "dlib"
 
     records = {record["source_path"]: record for record in read_records(out_dir)}
     kept = records["people/person_0.jpg"]
     assert len(kept["faces"]) == 1 and len(kept["face_embedding"]) == 128
+    assert (
+        kept["face_embedding_space"] == "dlib" and records["variants/cat.png"]["face_embedding_space"] is None
+    )
     assert {"aesthetic", "nsfw", "watermark", "sharpness", "yaw", "face_area_ratio"} <= set(kept["scores"])
     assert kept["bucket_width"] % 64 == 0 and kept["bucket_height"] % 64 == 0
     assert kept["phash"] is not None and kept["identity_cluster"].startswith("sample-")

@@ -115,7 +115,7 @@ def test_dlib_similarities_on_the_corpus(corpus_embeddings):
 
 def test_held_out_person_3_matches_only_its_grayscale_copy(dlib_analyzer, corpus, corpus_embeddings):
     held_out = HeldOutIdentities.from_images(dlib_analyzer, {"person_3": [corpus / "people/person_3.jpg"]})
-    assert held_out.backend == "dlib" and held_out.embeddings.shape == (1, 128)
+    assert held_out.embedding_space == "dlib" and held_out.embeddings.shape == (1, 128)
     candidates = [name for name in corpus_embeddings if name != "people/person_3.jpg"]
     names, similarities = held_out.match(np.stack([corpus_embeddings[name] for name in candidates]))
     matched = {candidate: name for candidate, name in zip(candidates, names, strict=True) if name}

@@ -74,6 +74,7 @@ def test_save_writes_the_released_layout(trained_infu, tmp_path):
     assert list(infusenet_dir.glob("*.safetensors"))
     released = torch.load(version_dir / PROJECTION_BIN, weights_only=True)
     assert set(released) == {"image_proj"}
+    assert json.loads((version_dir / PROJECTION_CONFIG).read_text())["embedding_space"] == "dlib"
     # What the release's own loader does with our folder: a plain FluxControlNetModel.
     plain = FluxControlNetModel.from_pretrained(infusenet_dir)
     for key, tensor in plain.state_dict().items():
@@ -83,6 +84,7 @@ def test_save_writes_the_released_layout(trained_infu, tmp_path):
 def test_save_then_load_reproduces_outputs_bit_for_bit(trained_infu, transformer, tmp_path):
     trained_infu.save_pretrained(tmp_path, "aes_stage2")
     reloaded = InfU.from_pretrained(tmp_path, "aes_stage2").eval()
+    assert reloaded.projection.config.embedding_space == "dlib"
     assert torch.equal(velocity(reloaded, transformer), velocity(trained_infu, transformer))
 
 

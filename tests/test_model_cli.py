@@ -40,6 +40,14 @@ def astronaut() -> str:
 
 
 @pytest.fixture
+def pose_photo(astronaut, tmp_path):
+    """The astronaut's face, cropped so that dlib still finds it once resized and padded to 64 x 64."""
+    path = tmp_path / "pose.png"
+    Image.open(astronaut).convert("RGB").crop((130, 30, 310, 210)).save(path)
+    return str(path)
+
+
+@pytest.fixture
 def config_file(tmp_path):
     path = tmp_path / "embedded.yaml"
     path.write_text(yaml.safe_dump({"face": {"backend": "dlib"}, "model": EMBEDDED_MODEL}))
@@ -78,7 +86,7 @@ def test_generate_writes_a_png_on_cpu_quickly(astronaut, config_file, tmp_path):
         assert image.format == "PNG" and image.size == (96, 128)
 
 
-def test_cli_with_mixing_pose_and_size_overrides(astronaut, config_file, tmp_path):
+def test_cli_with_mixing_pose_and_size_overrides(astronaut, pose_photo, config_file, tmp_path):
     out = tmp_path / "mixed.png"
     args = [
         "generate",
@@ -91,7 +99,7 @@ def test_cli_with_mixing_pose_and_size_overrides(astronaut, config_file, tmp_pat
         "--id-weight",
         "3",
     ]
-    args += ["--prompt", "a portrait", "--control-image", astronaut, "--config", str(config_file)]
+    args += ["--prompt", "a portrait", "--control-image", pose_photo, "--config", str(config_file)]
     args += ["--out", str(out), "--steps", "1", "--width", "64", "--height", "64"]
     result = invoke(args)
     assert result.exit_code == 0, result.output

@@ -12,7 +12,9 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 
-from infu.face import FaceConfig, NoFaceError, load_face_analyzer
+from infu.face import ARCFACE_TEMPLATE, FaceConfig, NoFaceError, draw_keypoints_control, load_face_analyzer
+from infu.face.tiny_models import CELL, write_tiny_pack
+from infu.model.conditioning import keypoint_control
 from infu.model.config import InferenceConfig, LoraConfig, ModelConfig, ProjectionConfig
 from infu.model.factory import build_pipeline
 from infu.model.infu import InfU
@@ -69,6 +71,14 @@ def astronaut() -> str:
 
 
 @pytest.fixture(scope="module")
+def pose_photo(astronaut, tmp_path_factory) -> str:
+    """The astronaut's face, cropped so that dlib still finds it on a 64 x 64 canvas."""
+    path = tmp_path_factory.mktemp("pose") / "pose.png"
+    Image.open(astronaut).convert("RGB").crop((130, 30, 310, 210)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def analyzer():
     return load_face_analyzer(FaceConfig())
 
@@ -97,13 +107,15 @@ def test_identity_control_and_knobs_change_the_image(pipe):
     assert not np.array_equal(half, off) and not np.array_equal(half, base)
 
 
-def test_control_image_given_directly_equals_drawn_keypoints(pipe):
-    from infu.face import draw_keypoints_control
-
+def test_control_drawing_given_directly_equals_drawn_keypoints(pipe):
     drawn = run(pipe, control_keypoints=KEYPOINTS)
-    np.testing.assert_array_equal(run(pipe, control_image=draw_keypoints_control((64, 64), KEYPOINTS)), drawn)
+    np.testing.assert_array_equal(
+        run(pipe, control_drawing=draw_keypoints_control((64, 64), KEYPOINTS)), drawn
+    )
     with pytest.raises(ValueError, match="at most one"):
-        run(pipe, control_keypoints=KEYPOINTS, control_image=Image.new("RGB", (64, 64)))
+        run(pipe, control_keypoints=KEYPOINTS, control_drawing=Image.new("RGB", (64, 64)))
+    with pytest.raises(ValueError, match="at most one"):
+        run(pipe, control_image=Image.new("RGB", (64, 64)), control_drawing=Image.new("RGB", (64, 64)))
 
 
 def test_batches_of_prompts_and_identities(pipe):
@@ -124,13 +136,15 @@ def test_inputs_are_checked(pipe):
         pipe("a photo", generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="needs a face analyzer"):
         run(pipe, id_image=Image.new("RGB", (64, 64)), id_embedding=None)
+    with pytest.raises(ValueError, match=r"control_image \(a pose photo\) needs a face analyzer"):
+        run(pipe, control_image=Image.new("RGB", (64, 64)))
     with pytest.raises(ValueError, match="multiple of 16"):
         run(pipe, width=72)
     with pytest.raises(ValueError, match="must not exceed"):
         run(pipe, infusenet_guidance_start=0.8, infusenet_guidance_end=0.2)
 
 
-def test_face_stack_id_images_mixing_and_pose(analyzer, astronaut, tmp_path):
+def test_face_stack_id_images_mixing_and_pose(analyzer, astronaut, pose_photo, tmp_path):
     pipeline = trained(build_pipeline(TINY, face_analyzer=analyzer))
     pipeline.set_progress_bar_config(disable=True)
     face = analyzer.analyze(astronaut)
@@ -144,15 +158,51 @@ def test_face_stack_id_images_mixing_and_pose(analyzer, astronaut, tmp_path):
     with pytest.raises(ValueError, match="non-negative"):
         run(pipeline, id_image=[astronaut, mirrored], id_weights=[1.0, -1.0])
 
-    posed = run(pipeline, id_image=astronaut, pose_image=astronaut)
+    posed = run(pipeline, id_image=astronaut, control_image=pose_photo)
     assert not np.array_equal(posed, from_image)
+    drawing = keypoint_control(analyzer, pose_photo, 64, 64)
+    np.testing.assert_array_equal(run(pipeline, id_image=astronaut, control_drawing=drawing), posed)
 
     blank = tmp_path / "blank.png"
     Image.new("RGB", (128, 128), (120, 130, 140)).save(blank)
     with pytest.raises(NoFaceError, match="blank.png"):
         run(pipeline, id_image=blank)
     with pytest.raises(NoFaceError, match="blank.png"):
-        run(pipeline, id_image=astronaut, pose_image=blank)
+        run(pipeline, id_image=astronaut, control_image=blank)
+
+
+@pytest.fixture(scope="module")
+def tiny_insightface(tmp_path_factory):
+    """The insightface backend on the tiny pack (with its own recognizer): it finds a white CELL x CELL
+    square on a dark surround whose corner sits on a multiple of CELL (at det size 640), with keypoints
+    on the ArcFace template."""
+    root = write_tiny_pack(tmp_path_factory.mktemp("insightface_root"), "tinypack")
+    config = FaceConfig(
+        backend="insightface",
+        model_root=root,
+        pack_name="tinypack",
+        providers=["CPUExecutionProvider"],
+        recognizer="glintr100",
+    )
+    return load_face_analyzer(config)
+
+
+def test_keypoint_control_detects_on_the_padded_canvas(tiny_insightface, tmp_path):
+    # a 240 x 200 dark photo with a white 16 x 16 square at (112, 52): too small to be a face there
+    photo = np.full((200, 240, 3), 20, np.uint8)
+    photo[52:68, 112:128] = 255
+    assert tiny_insightface.analyze(photo) == []
+    # into 480 x 640: scaled 2x to 480 x 400, pasted at (0, (640 - 400) // 2 = 120), so the square
+    # becomes the 32 x 32 face at (224, 104 + 120 = 224); a 480 x 640 canvas is detected at scale 1
+    expected_kps = ARCFACE_TEMPLATE / 112 * CELL + (224, 224)
+    control = keypoint_control(tiny_insightface, photo, 480, 640)
+    np.testing.assert_array_equal(
+        np.asarray(control), np.asarray(draw_keypoints_control((480, 640), expected_kps))
+    )
+    dark = tmp_path / "dark.png"
+    Image.fromarray(np.full((200, 240, 3), 20, np.uint8)).save(dark)
+    with pytest.raises(NoFaceError, match="dark.png"):
+        keypoint_control(tiny_insightface, dark, 480, 640)
 
 
 def test_analyzer_embedding_size_must_match_the_projection(analyzer):

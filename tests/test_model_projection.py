@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from infu.model.config import ProjectionConfig
-from infu.model.projection import PROJECTION_BIN, PROJECTION_SAFETENSORS, IdentityProjection
+from infu.model.projection import (
+    PROJECTION_BIN,
+    PROJECTION_CONFIG,
+    PROJECTION_SAFETENSORS,
+    IdentityProjection,
+)
 
 FULL = ProjectionConfig()
 SMALL = ProjectionConfig(
@@ -139,6 +145,32 @@ def test_save_writes_safetensors_and_the_released_bin_and_reloads_without_a_conf
     assert reloaded.config.embedding_dim == SMALL.embedding_dim
     embedding = torch.randn(2, SMALL.embedding_dim)
     assert torch.equal(reloaded(embedding), projection(embedding))
+
+
+def test_the_embedding_space_is_declared_saved_and_checked_on_load(tmp_path):
+    assert (FULL.embedding_space, SMALL.embedding_space) == ("arcface_ir_se50", "dlib")
+    with pytest.raises(ValueError, match="dlib embeddings are 128-D, but embedding_dim is 512"):
+        ProjectionConfig(embedding_space="dlib")
+    glintr100 = ProjectionConfig(
+        **{**SMALL.model_dump(), "embedding_dim": 512, "embedding_space": "glintr100"}
+    )
+    arcface = ProjectionConfig(**{**glintr100.model_dump(), "embedding_space": "arcface_ir_se50"})
+    IdentityProjection.from_projection_config(glintr100).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / PROJECTION_CONFIG).read_text())
+    assert saved["embedding_space"] == "glintr100"
+    assert IdentityProjection.from_pretrained(tmp_path).config.embedding_space == "glintr100"
+    with pytest.raises(ValueError, match="expects glintr100 embeddings .*embedding_space is arcface_ir_se50"):
+        IdentityProjection.from_pretrained(tmp_path, arcface)
+    # a config without the key (written before spaces were declared): 512-D is taken as the release's
+    (tmp_path / PROJECTION_CONFIG).write_text(
+        json.dumps({k: v for k, v in saved.items() if k != "embedding_space"})
+    )
+    assert IdentityProjection.from_pretrained(tmp_path).config.embedding_space == "arcface_ir_se50"
+    # the released form, without our config: trained on arcface_ir_se50
+    (tmp_path / PROJECTION_CONFIG).unlink()
+    assert IdentityProjection.from_pretrained(tmp_path, arcface).config.embedding_space == "arcface_ir_se50"
+    with pytest.raises(ValueError, match="released checkpoint"):
+        IdentityProjection.from_pretrained(tmp_path, glintr100)
 
 
 def test_loads_a_full_size_released_bin_strictly(tmp_path):

@@ -1,7 +1,9 @@
-"""Records and shards: every schema column round-trips; a shard is committed atomically or not at all."""
+"""Records and shards: every schema column round-trips; a shard is committed atomically or not at all;
+shards of schema version 1 read with the columns added since null."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -9,7 +11,9 @@ import sys
 import tarfile
 import textwrap
 import time
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -20,8 +24,10 @@ from infu.shards import (
     clean_uncommitted,
     committed_shards,
     iter_samples,
+    ray_records,
     read_records,
     read_stats,
+    stats_path,
 )
 
 from .conftest import PROJECT_ROOT
@@ -55,7 +61,10 @@ def full_record(index: int) -> dict:
                 "roll": None,
             },
         ],
+        identity="n000042",
+        attributes={"Smiling": "true", "Eyeglasses": "false", "emotion": "happy, neutral"},
         face_embedding=[0.25, -0.5, 0.75, 0.125],
+        face_embedding_space="dlib",
         identity_cluster="ffhq-c000042",
         phash=-(2**63) + index,
         scores={"aesthetic": 6.25, "nsfw": 0.01, "blur": 153.5},
@@ -86,6 +95,75 @@ def test_every_column_round_trips_through_parquet_and_tar(tmp_path):
     assert stats["count"] == 2 and stats["ok"] == 1 and stats["rejected"] == 1
     assert stats["reasons"] == {"multiple_faces": 1}
     assert read_stats(tmp_path) == [stats]
+
+
+V2_COLUMNS = ("identity", "attributes", "face_embedding_space")
+V1_SCHEMA = pa.schema(
+    [field for field in SAMPLE_SCHEMA if field.name not in V2_COLUMNS],
+    metadata={b"infu_schema_version": b"1"},
+)
+"""What schema version 1 wrote: the sample schema without the columns version 2 added."""
+
+
+def write_v1_shard(out_dir: Path, name: str, records: list[dict]) -> list[dict]:
+    """Commit ``records`` (all kept, image bytes ``b"jpeg"``) as a shard of schema version 1 wrote it: no
+    v2 column in its Parquet file or tar records. Returns the records as they would read back now."""
+    records = [dict(record, shard=name) for record in records]
+    pq.write_table(
+        records_to_table(records).select(V1_SCHEMA.names).cast(V1_SCHEMA), out_dir / f"{name}.parquet"
+    )
+    with tarfile.open(out_dir / f"{name}.tar", "w") as tar:
+        for record in records:
+            v1_record = {column: record[column] for column in V1_SCHEMA.names}
+            for extension, data in (("jpg", b"jpeg"), ("json", json.dumps(v1_record).encode())):
+                member = tarfile.TarInfo(f"{record['key']}.{extension}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    stats_path(out_dir, name).write_text(json.dumps({"shard": name, "count": len(records)}))
+    return [dict(record, **dict.fromkeys(V2_COLUMNS)) for record in records]
+
+
+@pytest.fixture
+def v1_and_v2_shards(tmp_path) -> tuple[Path, list[dict]]:
+    """Shard 000000 of schema version 1, shard 000001 of the current one, and every record as it reads."""
+    old = write_v1_shard(tmp_path, "000000", [full_record(0), full_record(1)])
+    with ShardWriter(tmp_path, "000001") as writer:
+        writer.add(full_record(2), b"png", "png")
+        writer.commit()
+    return tmp_path, [*old, dict(full_record(2), shard="000001")]
+
+
+def test_shards_of_schema_version_1_read_with_the_new_columns_null(v1_and_v2_shards):
+    out_dir, expected = v1_and_v2_shards
+    old_schema = pq.read_schema(out_dir / "000000.parquet")
+    assert old_schema.equals(V1_SCHEMA) and old_schema.metadata[b"infu_schema_version"] == b"1"
+    assert pq.read_schema(out_dir / "000001.parquet").metadata[b"infu_schema_version"] == b"2"
+    assert [record["identity"] for record in expected] == [None, None, "n000042"]
+
+    assert read_records(out_dir) == expected
+    assert [sample.record for sample in iter_samples(out_dir)] == expected
+    rows = DatasetIndex(out_dir).query(
+        "SELECT shard, identity, attributes['Smiling'] AS smiling, face_embedding_space AS space"
+        " FROM samples ORDER BY shard, key"
+    )
+    assert rows == [
+        {"shard": "000000", "identity": None, "smiling": None, "space": None},
+        {"shard": "000000", "identity": None, "smiling": None, "space": None},
+        {"shard": "000001", "identity": "n000042", "smiling": "true", "space": "dlib"},
+    ]
+
+
+@pytest.mark.slow
+def test_ray_reads_shards_of_schema_version_1_with_the_new_columns_null(local_ray, v1_and_v2_shards):
+    out_dir, expected = v1_and_v2_shards
+    dataset = ray_records(out_dir)
+    assert dataset.schema().names == SAMPLE_SCHEMA.names
+    rows = dataset.select_columns(["key", *V2_COLUMNS]).take_all()
+    by_key = {row["key"]: dict(row, attributes=row["attributes"] and dict(row["attributes"])) for row in rows}
+    assert by_key == {
+        record["key"]: {"key": record["key"], **{column: record[column] for column in V2_COLUMNS}}
+        for record in expected
+    }
 
 
 def test_tar_is_a_webdataset_with_original_bytes(tmp_path):

@@ -1,7 +1,8 @@
 """Face stack: detection, 5 keypoints, alignment, identity embedding, head pose and the control image.
 
 ``load_face_analyzer(FaceConfig(...))`` returns the dlib (embedded) or insightface (production) backend
-behind one :class:`FaceAnalyzer` interface.
+behind one :class:`FaceAnalyzer` interface; ``load_recognizer(FaceConfig(...))`` the identity embedder
+alone (``face.recognizer``, whose ``embedding_space`` every embedding belongs to).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from infu.face.base import (
     largest_face,
 )
 from infu.face.config import FaceConfig
-from infu.face.control import KEYPOINT_COLORS, Padded, black_control, draw_keypoints_control, resize_and_pad
+from infu.face.control import KEYPOINT_COLORS, black_control, draw_keypoints_control, resize_and_pad_image
 from infu.face.ray_batch import FaceBatchAnnotator
+from infu.face.recognizer import EMBEDDING_DIMS, EmbeddingSpace, FaceModelsError, Recognizer, load_recognizer
 from infu.images import BadImageError
 
 
@@ -37,17 +39,20 @@ def load_face_analyzer(config: FaceConfig) -> FaceAnalyzer:
 
 __all__ = [
     "ARCFACE_TEMPLATE",
+    "EMBEDDING_DIMS",
     "KEYPOINT_COLORS",
     "KEYPOINT_NAMES",
     "BadImageError",
     "BatchResult",
+    "EmbeddingSpace",
     "Face",
     "FaceAnalyzer",
     "FaceBatchAnnotator",
     "FaceConfig",
+    "FaceModelsError",
     "HeadPose",
     "NoFaceError",
-    "Padded",
+    "Recognizer",
     "align_face",
     "black_control",
     "cosine_similarity",
@@ -55,5 +60,6 @@ __all__ = [
     "id_loss",
     "largest_face",
     "load_face_analyzer",
-    "resize_and_pad",
+    "load_recognizer",
+    "resize_and_pad_image",
 ]

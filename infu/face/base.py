@@ -11,6 +11,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from infu.face.config import FaceConfig
+from infu.face.recognizer import Recognizer
 from infu.images import BadImageError, ImageInput, load_rgb
 
 KEYPOINT_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
@@ -49,7 +50,7 @@ class Face:
     kps: np.ndarray
     """(5, 2) float32 keypoints in :data:`KEYPOINT_NAMES` order."""
     embedding: np.ndarray
-    """(D,) float32 L2-normalised identity embedding (128-D dlib, 512-D ArcFace)."""
+    """(D,) float32 L2-normalised identity embedding in the analyzer's ``embedding_space``."""
     pose: HeadPose | None
     """None only when the backend has no landmark model to estimate it from."""
 
@@ -66,11 +67,16 @@ class Face:
         return max(self.width, 0.0) * max(self.height, 0.0)
 
 
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row (a 1-D input is one row) divided by its L2 norm, as float32 (zero rows stay zero)."""
+    matrix = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms > 0, norms, 1.0)
+
+
 def l2_normalize(vector: np.ndarray) -> np.ndarray:
-    """``vector`` / its L2 norm as float32 (a zero vector stays zero)."""
-    vector = np.asarray(vector, dtype=np.float32).ravel()
-    norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 0 else vector
+    """``vector`` flattened and divided by its L2 norm, as float32 (a zero vector stays zero)."""
+    return normalize_rows(np.asarray(vector).ravel())[0]
 
 
 def largest_face(faces: Sequence[Face]) -> Face | None:
@@ -93,13 +99,22 @@ BatchResult = list[Face] | BadImageError
 
 
 class FaceAnalyzer(ABC):
-    """Detects faces, their keypoints, head pose and identity embedding."""
+    """Detects faces, their keypoints and head pose, and embeds them with the configured recognizer."""
 
     backend: ClassVar[str]
-    embedding_dim: int
+    recognizer: Recognizer
 
     def __init__(self, config: FaceConfig):
         self.config = config
+
+    @property
+    def embedding_space(self) -> str:
+        """Which space the embeddings are in (``face.recognizer``): only same-space embeddings compare."""
+        return self.recognizer.embedding_space
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.recognizer.embedding_dim
 
     @abstractmethod
     def analyze_rgb(self, rgb: np.ndarray) -> list[Face]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infu.paths import ResolvedPath
 
@@ -34,3 +34,39 @@ class FaceConfig(BaseModel):
     det_threshold: float = Field(0.5, gt=0, lt=1)
     onnx_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session; 0 = all cores")
     max_pixels: int = Field(64 * 1024 * 1024, gt=0)
+    # identity embedding: which recognizer, hence which embedding space (see infu.face.recognizer)
+    recognizer: Literal["arcface_ir_se50", "glintr100", "dlib"] | None = Field(
+        None,
+        description="identity embedder: arcface_ir_se50 (what the released InfU checkpoints were trained "
+        "on), glintr100 (the insightface pack's) or dlib; default: dlib for the dlib backend, "
+        "arcface_ir_se50 for insightface",
+    )
+    recognizer_weights: ResolvedPath | None = Field(
+        None,
+        description="arcface_ir_se50: the recognition_arcface_ir_se50.pth file (local, never downloaded)",
+    )
+    require_gpu: bool = Field(
+        False, description="fail, instead of warning loudly, when CUDA is asked for and only CPU is there"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_recognizer(cls, data: Any) -> Any:
+        """An unset ``recognizer`` is ``dlib`` for the dlib backend and ``arcface_ir_se50`` for insightface.
+
+        Whether the recognizer's files are there (``recognizer_weights``, the pack) is checked when it loads.
+        """
+        if isinstance(data, dict) and data.get("recognizer") is None:
+            backend = data.get("backend", "dlib")
+            return {**data, "recognizer": "dlib" if backend == "dlib" else "arcface_ir_se50"}
+        return data
+
+    @model_validator(mode="after")
+    def _recognizer_fits_backend(self) -> FaceConfig:
+        if self.backend == "insightface" and self.recognizer == "dlib":
+            raise ValueError(
+                "face.recognizer dlib describes the 68 landmarks dlib fits in its own detector's boxes; "
+                "with backend insightface use arcface_ir_se50 (what the released InfU checkpoints expect) "
+                "or glintr100"
+            )
+        return self

@@ -1,9 +1,9 @@
-"""The InfuseNet control image: the 5 face keypoints drawn on black, as the official InfU code draws them."""
+"""The InfuseNet control image: the 5 face keypoints drawn on black, and the pose photo they are found in,
+both prepared as the official InfU code does."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -44,28 +44,21 @@ def black_control(size: tuple[int, int]) -> Image.Image:
     return Image.new("RGB", (width, height))
 
 
-@dataclass(frozen=True)
-class Padded:
-    """An image fitted into a target size, and where its keypoints went."""
-
-    image: Image.Image
-    kps: np.ndarray | None
-    scale: tuple[float, float]
-    offset: tuple[int, int]
+WHITE = (255, 255, 255)
 
 
-def resize_and_pad(image: Image.Image, size: tuple[int, int], kps: np.ndarray | None = None) -> Padded:
-    """Fit ``image`` inside ``size`` (width, height) keeping its aspect, centred on black; maps ``kps``."""
+def resize_and_pad_image(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The released InfU pose-photo preparation: ``photo`` scaled (LANCZOS) so its width fills a portrait or
+    square ``size`` (width, height), or its height a landscape one, centred on white; overflow is cropped."""
     target_width, target_height = size
-    width, height = image.size
-    fit = min(target_width / width, target_height / height)
-    new_width = min(target_width, max(1, round(width * fit)))
-    new_height = min(target_height, max(1, round(height * fit)))
-    offset = ((target_width - new_width) // 2, (target_height - new_height) // 2)
-    canvas = Image.new("RGB", (target_width, target_height))
-    canvas.paste(image.convert("RGB").resize((new_width, new_height), Image.Resampling.LANCZOS), offset)
-    scale = (new_width / width, new_height / height)
-    mapped = None
-    if kps is not None:
-        mapped = np.asarray(kps, dtype=np.float32) * np.float32(scale) + np.float32(offset)
-    return Padded(canvas, mapped, scale, offset)
+    width, height = photo.size
+    # the release's float expressions and truncation, kept as is: they decide sizes to the pixel
+    if target_width <= target_height:
+        new_width, new_height = target_width, int(target_width * (height / width))
+    else:
+        new_width, new_height = int(target_height * (width / height)), target_height
+    new_size = (max(1, new_width), max(1, new_height))  # the release fails on a 0-pixel side instead
+    resized = photo.convert("RGB").resize(new_size, Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (target_width, target_height), WHITE)
+    canvas.paste(resized, ((target_width - resized.width) // 2, (target_height - resized.height) // 2))
+    return canvas

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime
+import torch
 
 from infu.face.base import BadImageError, Face, largest_face
 from infu.face.config import FaceConfig
+from infu.face.providers import CUDA
 
 FACE_COUNT = "face_count"
 FACE_BOXES = "face_boxes"
@@ -50,11 +52,14 @@ class FaceBatchAnnotator:
 
     @staticmethod
     def resources(config: FaceConfig) -> dict[str, float]:
-        """Ray resources of one worker: dlib runs on one CPU; insightface takes a GPU when CUDA is usable."""
-        if config.backend == "insightface" and "CUDAExecutionProvider" in config.providers:
-            if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-                return {"num_cpus": 1.0, "num_gpus": 1.0}
-        return {"num_cpus": 1.0, "num_gpus": 0.0}
+        """Ray resources of one worker: a GPU when CUDA is asked for and a model of the stack can use it
+        (the insightface ONNX models, the torch IR-SE50 recognizer), else one CPU."""
+        on_gpu = False
+        if CUDA in config.providers:
+            onnx_gpu = config.backend == "insightface" and CUDA in onnxruntime.get_available_providers()
+            torch_gpu = config.recognizer == "arcface_ir_se50" and torch.cuda.is_available()
+            on_gpu = onnx_gpu or torch_gpu
+        return {"num_cpus": 1.0, "num_gpus": 1.0 if on_gpu else 0.0}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.analyzer.analyze_batch(list(batch[self.image_column]))

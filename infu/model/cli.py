@@ -27,7 +27,8 @@ def generate(
     """Generate one image with ``config.model`` (its inference settings) and write it as PNG to ``out``
     (in an existing folder).
 
-    The photos are checked (faces found, identities mixed, control drawn) before any model loads.
+    ``control_image`` is the pose photo, prepared as the release does. The photos are checked (faces
+    found, identities mixed, control drawn) before any model loads.
     """
     import torch
 
@@ -45,7 +46,7 @@ def generate(
     pipeline = build_pipeline(config.model, face_analyzer=analyzer)
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline(
-        prompt, id_embedding=embedding, control_image=control, generator=torch.Generator().manual_seed(seed)
+        prompt, id_embedding=embedding, control_drawing=control, generator=torch.Generator().manual_seed(seed)
     ).images[0]
     image.save(out, format="PNG")
     return out
@@ -83,7 +84,8 @@ def generate_command(
     control_image: Annotated[
         Path | None,
         typer.Option(
-            help="photo whose face keypoints set the pose (default: no pose control)",
+            help="pose photo, resized and padded to the image size as the release does; its largest face's "
+            "keypoints set the pose (default: no pose control)",
             exists=True,
             dir_okay=False,
         ),

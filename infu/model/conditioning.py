@@ -12,7 +12,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infu.face import Face, FaceAnalyzer, NoFaceError, draw_keypoints_control, largest_face, resize_and_pad
+from infu.face import (
+    Face,
+    FaceAnalyzer,
+    NoFaceError,
+    draw_keypoints_control,
+    largest_face,
+    resize_and_pad_image,
+)
 from infu.images import ImageInput, load_rgb
 from infu.model.mixing import mix_identities
 
@@ -38,8 +45,11 @@ def identity_from_images(
     return mix_identities(embeddings, weights)
 
 
-def keypoint_control(analyzer: FaceAnalyzer, pose_image: ImageInput, width: int, height: int) -> Image.Image:
-    """The largest face's keypoints in ``pose_image``, mapped as it is fitted into ``width`` x ``height``."""
-    image = load_rgb(pose_image)
-    face = required_face(analyzer, image, describe(pose_image))
-    return draw_keypoints_control((width, height), resize_and_pad(image, (width, height), face.kps).kps)
+def keypoint_control(
+    analyzer: FaceAnalyzer, control_image: ImageInput, width: int, height: int
+) -> Image.Image:
+    """The pose photo ``control_image`` as the release prepares it: resized and padded to ``width`` x
+    ``height`` (:func:`resize_and_pad_image`), its largest face's keypoints found on that canvas, drawn."""
+    canvas = resize_and_pad_image(load_rgb(control_image), (width, height))
+    face = required_face(analyzer, canvas, describe(control_image))
+    return draw_keypoints_control((width, height), face.kps)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from infu.face.recognizer import EMBEDDING_DIMS, RELEASE_EMBEDDING_SPACE, EmbeddingSpace
 from infu.paths import ResolvedPath
 
 LATENT_PIXEL_MULTIPLE = 16
@@ -23,11 +24,35 @@ class ProjectionConfig(BaseModel):
     dim_head: int = Field(64, ge=1)
     heads: int = Field(20, ge=1)
     num_queries: int = Field(8, ge=1)
-    embedding_dim: int = Field(
-        512, ge=1, description="512 for insightface ArcFace, 128 for the dlib descriptor"
+    embedding_dim: int = Field(512, ge=1, description="512 for the ArcFace spaces, 128 for dlib's")
+    embedding_space: EmbeddingSpace = Field(
+        RELEASE_EMBEDDING_SPACE,
+        description="the face.recognizer whose embeddings the projection was trained on; unset: dlib for "
+        "128-D embeddings, else the release's arcface_ir_se50",
     )
     output_dim: int = Field(4096, ge=1, description="the InfuseNet's joint_attention_dim (T5 width)")
     ff_mult: int = Field(4, ge=1)
+
+    @staticmethod
+    def default_embedding_space(embedding_dim: int | None) -> EmbeddingSpace:
+        """The space of a projection that declares none: dlib for 128-D embeddings, else the release's."""
+        return "dlib" if embedding_dim == EMBEDDING_DIMS["dlib"] else RELEASE_EMBEDDING_SPACE
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_space(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("embedding_space") is None:
+            return {**data, "embedding_space": cls.default_embedding_space(data.get("embedding_dim"))}
+        return data
+
+    @model_validator(mode="after")
+    def _space_fits_embedding_dim(self) -> ProjectionConfig:
+        if EMBEDDING_DIMS[self.embedding_space] != self.embedding_dim:
+            raise ValueError(
+                f"{self.embedding_space} embeddings are {EMBEDDING_DIMS[self.embedding_space]}-D, but "
+                f"embedding_dim is {self.embedding_dim}"
+            )
+        return self
 
 
 class InferenceConfig(BaseModel):
@@ -74,6 +99,7 @@ TINY_PROJECTION = {
     "heads": 4,
     "num_queries": 8,
     "embedding_dim": 128,
+    "embedding_space": "dlib",
     "output_dim": 32,
     "ff_mult": 2,
 }
@@ -104,6 +130,11 @@ class ModelConfig(BaseModel):
     loras: list[LoraConfig] = Field(default_factory=list)
     fuse_loras: bool = Field(False, description="fuse the LoRAs into the transformer weights once loaded")
     cpu_offload: bool = Field(False, description="diffusers model CPU offload; needs an accelerator")
+    quantize: Literal["float8", "int8"] | None = Field(
+        None,
+        description="8-bit weights (optimum-quanto) for the FLUX transformer and the InfuseNet, as the "
+        "release offers; LoRAs must then be fused first (fuse_loras: true)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -125,4 +156,13 @@ class ModelConfig(BaseModel):
             )
         if self.variant == "tiny" and self.base_model:
             raise ValueError(f"base_model ({self.base_model!r}) is only used by variant full, not tiny")
+        return self
+
+    @model_validator(mode="after")
+    def _loras_fused_before_quantizing(self) -> ModelConfig:
+        if self.quantize and self.loras and not self.fuse_loras:
+            raise ValueError(
+                f"quantize: {self.quantize} needs fuse_loras: true when loras are set (adapters are not "
+                "quantized: they are fused into the weights first)"
+            )
         return self

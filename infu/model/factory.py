@@ -47,13 +47,25 @@ def load_infu(config: ModelConfig, transformer: FluxTransformer2DModel, dtype: t
     return infu
 
 
+def quantize_weights(pipeline: InfUFluxPipeline, weights: str) -> None:
+    """8-bit weights (optimum-quanto, frozen) for the transformer and the InfuseNet, in place."""
+    from optimum.quanto import freeze, qfloat8, qint8, quantize
+
+    qtype = {"float8": qfloat8, "int8": qint8}[weights]
+    for model in (pipeline.transformer, pipeline.infusenet):
+        quantize(model, weights=qtype)
+        freeze(model)
+    logger.info("transformer and InfuseNet weights quantized to %s", weights)
+
+
 def build_pipeline(
     config: ModelConfig,
     face_analyzer: FaceAnalyzer | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> InfUFluxPipeline:
-    """Tiny: random models from ``tiny_seed``. Full: FLUX from ``base_model``. Both: InfU, LoRAs, offload.
+    """Tiny: random models from ``tiny_seed``. Full: FLUX from ``base_model``. Both: InfU, LoRAs,
+    quantization, offload.
 
     ``dtype`` defaults to bfloat16 for the full variant and float32 for the tiny one. ``cpu_offload``
     needs an accelerator; without one it is skipped (logged) and the pipeline stays on ``device``.
@@ -75,6 +87,8 @@ def build_pipeline(
     if config.variant == "tiny" and dtype != torch.float32:
         pipeline.to(dtype=dtype)
     pipeline.apply_loras(config.loras, root=config.infu_model, fuse=config.fuse_loras)
+    if config.quantize:
+        quantize_weights(pipeline, config.quantize)
     if config.cpu_offload and get_device() != "cpu":
         on_accelerator = torch.device(device).type != "cpu"
         pipeline.enable_model_cpu_offload(device=device if on_accelerator else None)

@@ -4,10 +4,12 @@
 <root>/config.json                          {"_diffusers_version": ..., "_infu_flux_version": "1.0"}
 <root>/infu_flux_v1.0/<version>/image_proj_model.bin           {"image_proj": state dict} (released form)
 <root>/infu_flux_v1.0/<version>/image_proj_model.safetensors   same weights (what we prefer to read)
-<root>/infu_flux_v1.0/<version>/image_proj_config.json         projection hyperparameters (ours)
+<root>/infu_flux_v1.0/<version>/image_proj_config.json         projection hyperparameters and the
+                                                               embedding_space it expects (ours)
 <root>/infu_flux_v1.0/<version>/InfuseNetModel/                diffusers FluxControlNetModel folder
 ```
-``from_pretrained`` also accepts ``<model>/<version>/`` and a version folder itself.
+``from_pretrained`` also accepts ``<model>/<version>/`` and a version folder itself. A version folder
+without our projection config is the release's: its projection expects ``arcface_ir_se50`` embeddings.
 """
 
 from __future__ import annotations

@@ -77,6 +77,12 @@ class InfUFluxPipeline(FluxPipeline):
                 f"the {face_analyzer.backend} face backend gives {face_analyzer.embedding_dim}-D "
                 f"embeddings but the projection expects {image_proj.config.embedding_dim}-D"
             )
+        if face_analyzer is not None and face_analyzer.embedding_space != image_proj.config.embedding_space:
+            raise ValueError(
+                f"the face analyzer embeds into {face_analyzer.embedding_space} but the projection was "
+                f"trained on {image_proj.config.embedding_space} embeddings: set face.recognizer to "
+                f"{image_proj.config.embedding_space}"
+            )
         self.face_analyzer = face_analyzer
         self.inference = inference or InferenceConfig()
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -123,17 +129,19 @@ class InfUFluxPipeline(FluxPipeline):
         self,
         width: int,
         height: int,
-        control_image: PipelineImageInput | None = None,
-        pose_image: ImageInput | None = None,
+        control_image: ImageInput | None = None,
+        control_drawing: PipelineImageInput | None = None,
         control_keypoints: np.ndarray | None = None,
     ) -> PipelineImageInput:
-        """The control image: given, drawn from keypoints (found in ``pose_image`` or given), or black."""
-        if sum(item is not None for item in (control_image, pose_image, control_keypoints)) > 1:
-            raise ValueError("pass at most one of control_image, pose_image and control_keypoints")
+        """The InfuseNet control: keypoints found in the pose photo ``control_image`` (as the release finds
+        them) or given, drawn; a ``control_drawing`` as is; or black."""
+        if sum(item is not None for item in (control_image, control_drawing, control_keypoints)) > 1:
+            raise ValueError("pass at most one of control_image, control_drawing and control_keypoints")
         if control_image is not None:
-            return control_image
-        if pose_image is not None:
-            return keypoint_control(self._analyzer("a pose image"), pose_image, width, height)
+            analyzer = self._analyzer("control_image (a pose photo)")
+            return keypoint_control(analyzer, control_image, width, height)
+        if control_drawing is not None:
+            return control_drawing
         if control_keypoints is not None:
             return draw_keypoints_control((width, height), np.asarray(control_keypoints, dtype=np.float32))
         return black_control((width, height))
@@ -188,8 +196,8 @@ class InfUFluxPipeline(FluxPipeline):
         id_image: ImageInput | Sequence[ImageInput] | None = None,
         id_embedding: EmbeddingInput | None = None,
         id_weights: Sequence[float] | None = None,
-        control_image: PipelineImageInput | None = None,
-        pose_image: ImageInput | None = None,
+        control_image: ImageInput | None = None,
+        control_drawing: PipelineImageInput | None = None,
         control_keypoints: np.ndarray | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -212,9 +220,11 @@ class InfUFluxPipeline(FluxPipeline):
         """Generate images of one identity (or one per prompt) for a prompt or a batch of prompts.
 
         Identity: ``id_image`` (one image, or several mixed with ``id_weights``) through the face
-        analyzer, or ``id_embedding`` directly. Control: ``control_image`` as is, the face keypoints of
-        ``pose_image``, ``control_keypoints`` in output pixels, or a black image. Unset knobs take the
-        pipeline's :class:`InferenceConfig`; ``generator`` makes the noise reproducible.
+        analyzer, or ``id_embedding`` directly. Control (at most one): ``control_image``, a pose photo
+        resized and padded to the output size as the release does, whose largest face's keypoints are
+        drawn; ``control_drawing``, an already drawn control image; ``control_keypoints`` in output pixels;
+        or none, a black image. Unset knobs take the pipeline's :class:`InferenceConfig`; ``generator``
+        makes the noise reproducible.
         """
         overrides = {
             "width": width,
@@ -256,7 +266,7 @@ class InfUFluxPipeline(FluxPipeline):
         embedding = (
             embedding.repeat_interleave(num_images_per_prompt, dim=0) if embedding.shape[0] > 1 else embedding
         )
-        control = self.control_for(width, height, control_image, pose_image, control_keypoints)
+        control = self.control_for(width, height, control_image, control_drawing, control_keypoints)
 
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt,

@@ -2,6 +2,8 @@
 
 State-dict keys and forward math follow the released ``image_proj`` checkpoint exactly (see
 ``../shared/specs/infu-checkpoint-format.md``), so released weights load with strict key matching.
+The projection declares the embedding space it was trained on (``embedding_space`` in our saved config);
+a checkpoint without our config is the release's, trained on ``arcface_ir_se50`` embeddings.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def _feed_forward(dim: int, mult: int) -> nn.Sequential:
 
 
 class IdentityProjection(ModelMixin, ConfigMixin):
-    """``[B, embedding_dim]`` L2-normalised face embeddings -> ``[B, num_queries, output_dim]`` tokens."""
+    """``[B, embedding_dim]`` L2-normalised face embeddings of ``embedding_space`` -> ``[B, num_queries,
+    output_dim]`` tokens."""
 
     config_name = PROJECTION_CONFIG
 
@@ -79,8 +82,11 @@ class IdentityProjection(ModelMixin, ConfigMixin):
         embedding_dim: int = 512,
         output_dim: int = 4096,
         ff_mult: int = 4,
+        embedding_space: str | None = None,
     ):
         super().__init__()
+        if embedding_space is None:
+            self.register_to_config(embedding_space=ProjectionConfig.default_embedding_space(embedding_dim))
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.layers = nn.ModuleList(
@@ -101,7 +107,7 @@ class IdentityProjection(ModelMixin, ConfigMixin):
         if embedding.shape[-1] != self.config.embedding_dim:
             raise ValueError(
                 f"identity embeddings are {embedding.shape[-1]}-D but the projection expects "
-                f"{self.config.embedding_dim}-D (a different face backend?)"
+                f"{self.config.embedding_dim}-D {self.config.embedding_space} embeddings (other recognizer?)"
             )
         latents = self.latents.repeat(embedding.shape[0], 1, 1)
         features = self.proj_in(embedding)
@@ -127,16 +133,40 @@ class IdentityProjection(ModelMixin, ConfigMixin):
         config: ProjectionConfig | None = None,
         torch_dtype: torch.dtype | None = None,
     ) -> IdentityProjection:
-        """Load from a version folder; hyperparameters: ``config`` > saved config > release defaults."""
+        """Load from a version folder; hyperparameters: ``config`` > saved config > release defaults.
+
+        ``config.embedding_space`` must be the space the checkpoint declares: its saved config's, or for a
+        folder without one (the release) what :class:`ProjectionConfig` assumes for its size.
+        """
         directory = Path(directory)
+        saved = directory / PROJECTION_CONFIG
+        saved_config = json.loads(saved.read_text()) if saved.is_file() else None
         if config is not None:
+            check_declared_space(directory, saved_config, config)
             model = cls.from_projection_config(config)
-        elif (directory / PROJECTION_CONFIG).is_file():
-            model = cls.from_config(json.loads((directory / PROJECTION_CONFIG).read_text()))
+        elif saved_config is not None:
+            model = cls.from_config(saved_config)
         else:
             model = cls()
         model.load_state_dict(read_projection_state_dict(directory), strict=True)
         return model.to(torch_dtype) if torch_dtype not in (None, model.dtype) else model
+
+
+def check_declared_space(directory: Path, saved_config: dict | None, config: ProjectionConfig) -> None:
+    """``config`` must expect the embedding space that the checkpoint in ``directory`` declares."""
+    if saved_config is None:
+        declared = ProjectionConfig.default_embedding_space(config.embedding_dim)
+        source = f"a released checkpoint: no {PROJECTION_CONFIG}"
+    else:
+        declared = saved_config.get("embedding_space") or ProjectionConfig.default_embedding_space(
+            saved_config["embedding_dim"]
+        )
+        source = f"its {PROJECTION_CONFIG}"
+    if declared != config.embedding_space:
+        raise ValueError(
+            f"the projection in {directory} expects {declared} embeddings ({source}), but "
+            f"model.projection.embedding_space is {config.embedding_space}"
+        )
 
 
 def read_projection_state_dict(directory: Path) -> dict[str, torch.Tensor]:
