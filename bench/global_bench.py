@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import ray
 
 from filtering.config import FilterThresholds
-from filtering.global_phase import DECISIONS, compute_global_decisions
+from filtering.global_phase import DECISIONS, MAX_COMPONENT_FACES, compute_global_decisions
 from infu.raycluster import start_local_ray
 from infu.records import SAMPLE_SCHEMA
 from infu.shards import shard_name, stats_path
@@ -233,6 +233,12 @@ def main() -> None:
     parser.add_argument("--dimension", type=int, default=512)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument(
+        "--max-component-faces",
+        type=int,
+        default=MAX_COMPONENT_FACES,
+        help="components above this many faces are cut into parts (to measure what the cut costs)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -247,7 +253,7 @@ def main() -> None:
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         started = time.perf_counter()
         with RssSampler() as workers:
-            stats = compute_global_decisions(scored, out, RULES)
+            stats = compute_global_decisions(scored, out, RULES, max_component_faces=args.max_component_faces)
         wall = time.perf_counter() - started
         driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         ray.shutdown()

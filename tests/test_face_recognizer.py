@@ -19,11 +19,12 @@ from infu.face import FaceConfig, FaceModelsError, cosine_similarity, load_face_
 from infu.face.base import l2_normalize
 from infu.face.dlib_backend import DESCRIPTOR_FILE, PREDICTOR_FILE, dlib_model_dir
 from infu.face.tiny_models import white_square_image, write_tiny_pack
-from infu.model.config import InferenceConfig, ModelConfig, ProjectionConfig
+from infu.model.config import ModelConfig
 from infu.model.factory import build_pipeline
 from infu.paths import package_file
 
 from .conftest import PROJECT_ROOT
+from .test_model_pipeline import TINY
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),  # insightface's norm_crop: deprecated skimage API
@@ -178,18 +179,8 @@ def test_shipped_configs_embed_in_their_projections_space():
 
 def tiny_model(embedding_space: str) -> ModelConfig:
     """The tiny pipeline of test_model_pipeline with a 512-D projection of ``embedding_space``."""
-    projection = ProjectionConfig(
-        dim=64,
-        depth=1,
-        dim_head=16,
-        heads=4,
-        embedding_dim=512,
-        embedding_space=embedding_space,
-        output_dim=32,
-        ff_mult=2,
-    )
-    inference = InferenceConfig(width=64, height=64, num_steps=2, max_sequence_length=16)
-    return ModelConfig(projection=projection, inference=inference)
+    projection = {**TINY.projection.model_dump(), "embedding_dim": 512, "embedding_space": embedding_space}
+    return ModelConfig(**{**TINY.model_dump(), "projection": projection})
 
 
 def test_a_pipeline_takes_only_a_face_analyzer_of_its_projections_space(glintr100_analyzer):

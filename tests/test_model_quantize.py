@@ -9,7 +9,8 @@ from optimum.quanto import QLinear
 
 from infu.model.config import ModelConfig
 from infu.model.factory import build_pipeline, quantize_weights
-from tests.test_model_pipeline import TINY, run, trained
+
+from .test_model_pipeline import TINY, run, trained
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed:FutureWarning")
 EIGHT_BIT = {"float8": torch.float8_e4m3fn, "int8": torch.int8}
