@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Each creates .venv when missing.
 VENV ?= .venv
 PYTHON ?= python3
-PIP := $(VENV)/bin/pip install --disable-pip-version-check --quiet
+PIP := $(VENV)/bin/pip install --disable-pip-version-check --quiet --no-compile
 # MACHINE: cpu (default) or gpu (`make install MACHINE=gpu`); a venv installed for gpu stays gpu.
 # onnxruntime and onnxruntime-gpu write the same package folder and insightface always pulls the CPU
 # build, so the gpu install removes both and puts onnxruntime-gpu back alone; then
