@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip install --disable-pip-version-check --quiet --no-compile
 # MACHINE: cpu (default) or gpu (`make install MACHINE=gpu`); a venv installed for gpu stays gpu.
 # onnxruntime and onnxruntime-gpu write the same package folder and insightface always pulls the CPU
 # build, so the gpu install removes both and puts onnxruntime-gpu back alone; then
-# `python -m infu.face.providers` checks that exactly the machine's build is there.
+# `infu.face.providers.check_install` checks that exactly the machine's build is there.
 MACHINE ?= $(if $(wildcard $(VENV)/.installed-gpu),gpu,cpu)
 STAMP := $(VENV)/.installed-$(MACHINE)
 ifneq ($(filter-out cpu gpu,$(MACHINE)),)
@@ -24,7 +24,7 @@ ifeq ($(MACHINE),gpu)
 	$(VENV)/bin/pip uninstall --quiet --yes onnxruntime onnxruntime-gpu
 	$(PIP) --no-deps onnxruntime-gpu
 endif
-	$(VENV)/bin/python -m infu.face.providers $(MACHINE)
+	$(VENV)/bin/python -c 'from infu.face.providers import check_install; print(check_install("$(MACHINE)"))'
 	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 

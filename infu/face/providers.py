@@ -111,9 +111,3 @@ def check_install(machine: str) -> str:
     if machine == "gpu" and CUDA not in available:
         raise SystemExit(f"gpu install: onnxruntime-gpu offers no {CUDA} (only {available})")
     return f"{machine} install: {builds[0]} {onnxruntime.__version__}, providers {available}"
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(check_install(sys.argv[1] if len(sys.argv) > 1 else "cpu"))
