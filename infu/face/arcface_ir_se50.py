@@ -89,14 +89,13 @@ class ArcFaceIRSE50Recognizer(Recognizer):
         self.model = load_ir_se50(Path(config.recognizer_weights)).to(self.device)
         logger.info("arcface_ir_se50 recognizer %s on %s", config.recognizer_weights, self.device)
 
-    @torch.inference_mode()
     def embed_faces(self, faces: Sequence[FaceCrop]) -> np.ndarray:
         crops = arcface_bgr_crops(faces, CROP_SIZE)
-        if not crops:
-            return np.empty((0, self.embedding_dim), dtype=np.float32)
-        chunks = []
-        for start in range(0, len(crops), RECOGNIZER_BATCH):
-            pixels = torch.from_numpy(np.stack(crops[start : start + RECOGNIZER_BATCH]))
-            batch = (pixels.permute(0, 3, 1, 2).contiguous().float() / 255 * 2 - 1).to(self.device)
-            chunks.append(self.model(batch).float().cpu().numpy())
-        return normalize_rows(np.concatenate(chunks))
+        return normalize_rows(self.run_in_batches(crops, RECOGNIZER_BATCH, self._forward))
+
+    @torch.inference_mode()
+    def _forward(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Raw outputs for BGR uint8 crops: NCHW float32 in [-1, 1] through the network."""
+        pixels = torch.from_numpy(np.stack(crops))
+        batch = (pixels.permute(0, 3, 1, 2).contiguous().float() / 255 * 2 - 1).to(self.device)
+        return self.model(batch).float().cpu().numpy()

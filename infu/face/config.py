@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infu.paths import ResolvedPath
 
+EmbeddingSpace = Literal["arcface_ir_se50", "glintr100", "dlib"]
+"""The recognizers, each its own embedding space (see :mod:`infu.face.recognizer`)."""
+
 
 class FaceConfig(BaseModel):
     """Which face backend to use and how. ``dlib`` is the embedded one, ``insightface`` production."""
@@ -35,7 +38,7 @@ class FaceConfig(BaseModel):
     onnx_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session; 0 = all cores")
     max_pixels: int = Field(64 * 1024 * 1024, gt=0)
     # identity embedding: which recognizer, hence which embedding space (see infu.face.recognizer)
-    recognizer: Literal["arcface_ir_se50", "glintr100", "dlib"] | None = Field(
+    recognizer: EmbeddingSpace | None = Field(
         None,
         description="identity embedder: arcface_ir_se50 (what the released InfU checkpoints were trained "
         "on), glintr100 (the insightface pack's) or dlib; default: dlib for the dlib backend, "

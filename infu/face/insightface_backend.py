@@ -100,13 +100,7 @@ class PackRecognizer(Recognizer):
 
     def embed_faces(self, faces: Sequence[FaceCrop]) -> np.ndarray:
         crops = arcface_bgr_crops(faces, self.model.input_size[0])
-        if not crops:
-            return np.empty((0, self.embedding_dim), dtype=np.float32)
-        chunks = [
-            self.model.get_feat(crops[start : start + self._batch])
-            for start in range(0, len(crops), self._batch)
-        ]
-        return normalize_rows(np.concatenate(chunks))
+        return normalize_rows(self.run_in_batches(crops, self._batch, self.model.get_feat))
 
 
 class InsightFaceAnalyzer(FaceAnalyzer):

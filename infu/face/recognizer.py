@@ -11,14 +11,13 @@ is the insightface pack's own recognizer and ``dlib`` the embedded profile's 128
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar, Literal
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import numpy as np
 
-from infu.face.config import FaceConfig
+from infu.face.config import EmbeddingSpace, FaceConfig
 
-EmbeddingSpace = Literal["arcface_ir_se50", "glintr100", "dlib"]
 EMBEDDING_DIMS: dict[str, int] = {"arcface_ir_se50": 512, "glintr100": 512, "dlib": 128}
 """Embedding size of each space."""
 RELEASE_EMBEDDING_SPACE = "arcface_ir_se50"
@@ -47,6 +46,15 @@ class Recognizer(ABC):
     def embed(self, rgb: np.ndarray, kps: np.ndarray) -> np.ndarray:
         """(D,) embedding of the face with keypoints ``kps`` in the RGB image ``rgb``."""
         return self.embed_faces([(rgb, kps)])[0]
+
+    def run_in_batches(
+        self, crops: list[np.ndarray], batch_size: int, run: Callable[[list[np.ndarray]], np.ndarray]
+    ) -> np.ndarray:
+        """(N, D) float32 outputs of ``run`` on ``crops``, ``batch_size`` crops per call."""
+        if not crops:
+            return np.empty((0, self.embedding_dim), dtype=np.float32)
+        chunks = [run(crops[start : start + batch_size]) for start in range(0, len(crops), batch_size)]
+        return np.concatenate(chunks).astype(np.float32)
 
 
 def arcface_bgr_crops(faces: Sequence[FaceCrop], size: int = 112) -> list[np.ndarray]:
