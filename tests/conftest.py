@@ -25,6 +25,8 @@ use_token_auth_if_present()
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="infu-tests-prefect-"))
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
+"""The embedded profile's config, which most tests run."""
 SHARED_ROOT = Path(os.environ.get("INFU_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
 
 

@@ -22,9 +22,7 @@ from filtering.sources import Source, SourceError, open_source
 from infu.config import load_config
 from infu.shards import iter_samples, read_records
 
-from .conftest import PROJECT_ROOT
-
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
+from .conftest import EMBEDDED
 
 CELEBA_ATTRIBUTES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "

@@ -28,10 +28,9 @@ from infu.sample_corpus import build_sample_corpus, read_labels
 from infu.shards import ShardWriter, iter_samples, read_records
 from infu.steps import StepError
 
-from .conftest import PROJECT_ROOT, kill_step_job_midway
+from .conftest import EMBEDDED, kill_step_job_midway
 from .test_shards import V2_COLUMNS, full_record, write_v1_shard
 
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 GOOD = {
     "min_side": 512.0,
     "face_count": 1.0,

@@ -17,10 +17,9 @@ from infu.index import DatasetIndex
 from infu.raycluster import JobFailedError, free_port, run_job
 from infu.sample_corpus import build_sample_corpus, read_labels
 
-from .conftest import PROJECT_ROOT
+from .conftest import EMBEDDED, PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 EXPECTED_OUTCOMES = {"ok": 14, "bad_image": 1, "not_image": 1, "too_large": 1, "too_small": 1}
 FILTERED_OUTCOMES = {
     "ok": 10,

@@ -18,9 +18,7 @@ from infu.runner import run_reduce
 from infu.sample_corpus import build_sample_corpus, read_labels
 from infu.shards import committed_shards, iter_samples, ray_records, ray_samples, read_records
 
-from .conftest import PROJECT_ROOT, kill_step_job_midway
-
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
+from .conftest import EMBEDDED, PROJECT_ROOT, kill_step_job_midway
 
 
 @pytest.fixture(scope="module")

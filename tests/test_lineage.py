@@ -13,9 +13,7 @@ from infu.records import new_record
 from infu.shards import ShardWriter
 from infu.steps import StepError, get_step, pipeline_order
 
-from .conftest import PROJECT_ROOT
-
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
+from .conftest import EMBEDDED
 
 
 def identities(*overrides: str) -> tuple[str, str]:

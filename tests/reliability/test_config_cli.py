@@ -23,9 +23,8 @@ from flows.cli import app as infu_app
 from infu.config import load_config
 from infu.steps import job_app
 
-from ..conftest import PROJECT_ROOT
+from ..conftest import EMBEDDED, PROJECT_ROOT
 
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 SECRET_ADDRESS = "http://admin:S3cr3t@127.0.0.1:{port}"
 
 

@@ -29,11 +29,10 @@ import pytest
 from infu.config import load_config
 from infu.manifest import open_step_output
 
-from ..conftest import PROJECT_ROOT
+from ..conftest import EMBEDDED, PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 MARK = "LOOPBACK-PROBE "
 

@@ -28,11 +28,10 @@ from infu.manifest import MANIFEST_NAME, SUPERSEDED_DIR, open_step_output, read_
 from infu.shards import committed_shards, read_records, read_stats
 from infu.steps import run_step_here
 
-from ..conftest import PROJECT_ROOT
+from ..conftest import EMBEDDED
 
 pytestmark = pytest.mark.slow  # eight ingest runs on Ray: about 2 minutes on 2 busy cores
 
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 STEP = "ingest"
 
 

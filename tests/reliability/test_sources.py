@@ -28,9 +28,7 @@ from infu.index import DatasetIndex
 from infu.records import new_record, sample_key
 from infu.shards import Sample, ShardWriter, TarReader, iter_tar, read_records
 
-from ..conftest import PROJECT_ROOT
-
-EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
+from ..conftest import EMBEDDED
 
 # Every test: the FIFO of defect 4 would block a read forever, and the folder run that lists it is set
 # up by whichever test asks for it first.
