@@ -12,7 +12,7 @@ ifneq ($(filter-out cpu gpu,$(MACHINE)),)
 $(error MACHINE must be cpu or gpu, not $(MACHINE))
 endif
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-all bench lint clean
 
 install: $(STAMP)
 
@@ -31,15 +31,21 @@ endif
 demo: $(STAMP)
 	$(VENV)/bin/infu run --config configs/embedded.yaml
 
+# test: the CI suite, every test but those marked slow (whole-cluster, kill/resume and Prefect deployment
+# runs, which test-all adds).
 test: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow"
+
+test-all: $(STAMP)
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)
-	for script in bench/*.py; do $(VENV)/bin/python $$script || exit 1; done
+	for script in bench/*_bench.py; do $(VENV)/bin/python $$script || exit 1; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check infu filtering flows tests bench
+	$(VENV)/bin/ruff check infu filtering captioning flows tests bench
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy captioning/engines
 
 clean:
 	rm -rf runs .pytest_cache

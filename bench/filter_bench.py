@@ -13,13 +13,13 @@ import argparse
 import io
 import multiprocessing
 import os
-import shutil
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import ray
+from corpus import corpus_copies
 
 from filtering.filter import DecodeStage, ScoreStage, read_input_shard, shard_tasks, with_identity_threshold
 from filtering.ingest import run_ingest
@@ -27,22 +27,9 @@ from infu.config import InfuConfig, load_config
 from infu.raycluster import start_local_ray
 from infu.records import new_record
 from infu.runner import Phase, batched, run_phase, stage
-from infu.sample_corpus import build_sample_corpus
 from infu.shards import ShardWriter, committed_shards, iter_samples, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def corpus_copies(folder: Path, copies: int) -> Path:
-    """The sample corpus's images that pass ingest, ``copies`` times under distinct names."""
-    labels = build_sample_corpus(folder / "base")
-    images = folder / "images"
-    images.mkdir()
-    for label in labels:
-        if label.expect_ingest == "ok":
-            for copy in range(copies):
-                shutil.copy(folder / "base" / label.path, images / f"{copy}_{Path(label.path).name}")
-    return images
 
 
 def loop_worker(config: InfuConfig, shards: list[str]) -> None:

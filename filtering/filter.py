@@ -40,7 +40,7 @@ from infu.manifest import open_step_output, summarize
 from infu.quality.config import QualityConfig
 from infu.records import RejectReason, Status, reject
 from infu.runner import Phase, ShardTask, Stage, StageOutput, run_phase, run_reduce, stage
-from infu.shards import TarReader, committed_shards, read_parquet_records, read_stats
+from infu.shards import InputImages, committed_shards, read_parquet_records, read_stats
 from infu.steps import StepError
 
 STEP = "filter"
@@ -155,19 +155,6 @@ def _face_rows(faces: list[Face]) -> list[dict[str, Any]]:
         }
         for face in faces
     ]
-
-
-class InputImages:
-    """Original bytes of input records, read from their shard tar (one open index at a time)."""
-
-    def __init__(self) -> None:
-        self._tar: TarReader | None = None
-
-    def read(self, item: dict[str, Any]) -> bytes:
-        if self._tar is None or str(self._tar.path) != item["tar"]:
-            self._tar = TarReader(Path(item["tar"]))
-        record = item["record"]
-        return self._tar.read(f"{record['key']}.{extension_for_mime(record['mime'])}")
 
 
 def _held_out_folders(root: Path) -> dict[str, list[Path]]:

@@ -44,7 +44,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from infu.config import Resources
 from infu.paths import write_atomic
 from infu.raycluster import ensure_ray
-from infu.shards import TMP_DIR, ShardWriter, clean_uncommitted, committed_shards, stats_path
+from infu.shards import (
+    RECORDS,
+    TMP_DIR,
+    ShardTable,
+    ShardWriter,
+    clean_uncommitted,
+    committed_shards,
+    stats_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +101,19 @@ class Stage(ABC):
 
 @dataclass(frozen=True)
 class StageRef:
-    """A stage class and its constructor arguments: what each worker builds its stage from."""
+    """A stage class and its constructor arguments: what each worker builds its stage from; and the Ray
+    runtime environment its workers run in (an engine whose pins clash with the job's env has its own)."""
 
     cls: type[Stage]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    runtime_env: dict[str, Any] | None = None
 
     def build(self) -> Stage:
         return self.cls(**self.kwargs)
 
 
-def stage(cls: type[Stage], **kwargs: Any) -> StageRef:
-    return StageRef(cls, kwargs)
+def stage(cls: type[Stage], runtime_env: dict[str, Any] | None = None, **kwargs: Any) -> StageRef:
+    return StageRef(cls, kwargs, runtime_env)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ class Phase:
     resources: Resources
     extra_stats: dict[str, Any] = field(default_factory=dict)
     with_images: bool = True
+    table: ShardTable = RECORDS
+    """What the shards' Parquet files hold: sample records unless the step writes rows of its own."""
 
 
 @dataclass
@@ -217,7 +229,12 @@ class _StageWorker:
 
 
 def commit_parts(
-    out_dir: Path, shard: str, chunks: int, extra_stats: dict[str, Any], with_images: bool
+    out_dir: Path,
+    shard: str,
+    chunks: int,
+    extra_stats: dict[str, Any],
+    with_images: bool,
+    table: ShardTable = RECORDS,
 ) -> dict[str, Any]:
     """Merge a shard's part files, in chunk order, into one atomically committed shard; returns its stats.
 
@@ -227,7 +244,7 @@ def commit_parts(
     if stats_path(out_dir, shard).exists():
         shutil.rmtree(parts, ignore_errors=True)
         return json.loads(stats_path(out_dir, shard).read_text())
-    with ShardWriter(out_dir, shard, extra_stats, with_images) as writer:
+    with ShardWriter(out_dir, shard, extra_stats, with_images, table) as writer:
         for chunk in range(chunks):
             with open(parts / f"{chunk:06d}.pkl", "rb") as handle:
                 outputs: list[StageOutput] = pickle.load(handle)
@@ -293,22 +310,22 @@ class _Progress:
         print(f"{self.label}: shard {shard} FAILED: {error}", flush=True)
 
 
-def _stage_resources(ref: StageRef, resources: Resources) -> tuple[int, float, float]:
+def _stage_resources(ref: StageRef, resources: Resources) -> tuple[int, float, float, str]:
     """Workers, CPUs and GPUs per worker of one stage (``resources.stages.<name>`` overrides the step's;
-    only ``uses_gpu`` stages reserve the step's GPUs)."""
+    only ``uses_gpu`` stages reserve the step's GPUs), and its runtime environment (as JSON)."""
     override = resources.stages.get(ref.cls.name)
     concurrency = override.concurrency if override and override.concurrency else resources.concurrency
     num_cpus = override.num_cpus if override and override.num_cpus else resources.num_cpus
     num_gpus = resources.num_gpus if ref.cls.uses_gpu else 0.0
     if override and override.num_gpus is not None:
         num_gpus = override.num_gpus
-    return concurrency, num_cpus, num_gpus
+    return concurrency, num_cpus, num_gpus, json.dumps(ref.runtime_env, sort_keys=True)
 
 
 def fused_operators(stages: Sequence[StageRef], resources: Resources) -> list[tuple[list[StageRef], tuple]]:
-    """The phase's operators: runs of consecutive stages with equal resources become one operator (its
-    actors run them in turn, with nothing serialised between them, as Ray Data fuses maps), with the
-    resources of its stages."""
+    """The phase's operators: runs of consecutive stages with equal resources and runtime environment
+    become one operator (its actors run them in turn, with nothing serialised between them, as Ray Data
+    fuses maps), with the resources of its stages."""
     operators: list[tuple[list[StageRef], tuple]] = []
     for ref in stages:
         wanted = _stage_resources(ref, resources)
@@ -330,8 +347,9 @@ def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.dat
         num_cpus=0.1,
     )
     operators = fused_operators(phase.stages, phase.resources)
-    for index, (refs, (concurrency, num_cpus, num_gpus)) in enumerate(operators):
+    for index, (refs, (concurrency, num_cpus, num_gpus, runtime_env)) in enumerate(operators):
         last = index == len(operators) - 1
+        environment = json.loads(runtime_env)
         dataset = dataset.map(
             _StageWorker,
             fn_constructor_kwargs={
@@ -344,6 +362,7 @@ def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.dat
             compute=ray.data.ActorPoolStrategy(size=min(concurrency, len(pending))),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
+            **({"runtime_env": environment} if environment else {}),
         )
     return dataset
 
@@ -405,7 +424,7 @@ def run_phase(phase: Phase) -> PhaseResult:
                 else:
                     committer = committers[len(commits) % len(committers)]
                     ref = committer.commit.remote(
-                        out_dir, shard, row["chunks"], phase.extra_stats, phase.with_images
+                        out_dir, shard, row["chunks"], phase.extra_stats, phase.with_images, phase.table
                     )
                     commits[ref] = shard
                 collect(timeout=0)

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from infu.images import extension_for_mime
 from infu.paths import write_atomic
 from infu.records import SAMPLE_SCHEMA, Status, records_to_table, table_to_records, with_every_column
 
@@ -54,6 +56,27 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+class ShardTable:
+    """What a shard's Parquet file holds: sample records (:data:`SAMPLE_SCHEMA`), unless a step writes
+    rows of its own (a subclass: its table, and the counts of its stats)."""
+
+    def to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        return records_to_table(rows)
+
+    def counts(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """``ok``, ``rejected`` and ``reasons`` (read by the manifest), and any further stats."""
+        statuses = Counter(row["status"] for row in rows)
+        reasons = Counter(row["reject_reason"] for row in rows if row["reject_reason"])
+        return {
+            "ok": statuses.get(Status.OK.value, 0),
+            "rejected": statuses.get(Status.REJECTED.value, 0),
+            "reasons": dict(sorted(reasons.items())),
+        }
+
+
+RECORDS = ShardTable()
+
+
 class ShardWriter:
     """Collects one shard's samples and commits them atomically.
 
@@ -62,12 +85,18 @@ class ShardWriter:
     """
 
     def __init__(
-        self, out_dir: Path, name: str, extra_stats: dict[str, Any] | None = None, with_images: bool = True
+        self,
+        out_dir: Path,
+        name: str,
+        extra_stats: dict[str, Any] | None = None,
+        with_images: bool = True,
+        table: ShardTable = RECORDS,
     ):
         self.out_dir = Path(out_dir)
         self.name = name
         self.extra_stats = extra_stats or {}
         self.with_images = with_images
+        self.table = table
         self._tmp = self.out_dir / TMP_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir(parents=True)
         self._tar_file = open(self._tmp / f"{name}.tar", "wb")
@@ -88,7 +117,7 @@ class ShardWriter:
         """Add one sample. Kept samples carry their original image bytes and extension (unless the shard
         is records-only: ``with_images=False``)."""
         record = dict(record, shard=self.name)
-        if record["status"] == Status.OK and self.with_images:
+        if self.with_images and record["status"] == Status.OK:
             if image is None or not extension:
                 raise ValueError(f"kept sample {record['key']} needs its image bytes and extension")
             self._tar.write(
@@ -107,16 +136,11 @@ class ShardWriter:
         self._tar_file.flush()
         os.fsync(self._tar_file.fileno())
         self._tar_file.close()
-        table = records_to_table(self._records)
-        pq.write_table(table, self._tmp / f"{self.name}.parquet")
-        statuses = Counter(record["status"] for record in self._records)
-        reasons = Counter(record["reject_reason"] for record in self._records if record["reject_reason"])
+        pq.write_table(self.table.to_table(self._records), self._tmp / f"{self.name}.parquet")
         stats = {
             "shard": self.name,
             "count": len(self._records),
-            "ok": statuses.get(Status.OK.value, 0),
-            "rejected": statuses.get(Status.REJECTED.value, 0),
-            "reasons": dict(sorted(reasons.items())),
+            **self.table.counts(self._records),
             "image_bytes": self._image_bytes,
             "tar_bytes": (self._tmp / f"{self.name}.tar").stat().st_size if self.with_images else 0,
             "started": self._started,
@@ -217,6 +241,20 @@ class TarReader:
         with open(self.path, "rb") as handle:
             handle.seek(offset)
             return handle.read(size)
+
+
+class InputImages:
+    """Original bytes of the records of committed shards, read from their shard tar (one open index at a
+    time): items are ``{"record": ..., "tar": <its shard's tar>}``."""
+
+    def __init__(self) -> None:
+        self._tar: TarReader | None = None
+
+    def read(self, item: dict[str, Any]) -> bytes:
+        if self._tar is None or str(self._tar.path) != item["tar"]:
+            self._tar = TarReader(Path(item["tar"]))
+        record = item["record"]
+        return self._tar.read(f"{record['key']}.{extension_for_mime(record['mime'])}")
 
 
 @dataclass(frozen=True)

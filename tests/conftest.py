@@ -16,6 +16,7 @@ import pytest
 
 from infu.raycluster import ensure_ray_token, use_token_auth_if_present
 from infu.shards import committed_shards
+from infu.steps import get_step
 
 # One token for every Ray the tests start, also when pytest-xdist workers start theirs at once; then
 # token auth for this process, before any test imports Ray, which reads its auth mode once.
@@ -75,8 +76,8 @@ def _session_of(process: psutil.Process) -> int | None:
 
 
 def kill_step_job_midway(step: str, config: Path, overrides: list[str], shards_dir: Path, after: int) -> int:
-    """:func:`kill_job_midway` for ``python -m filtering <step> --config ... --set ...``."""
-    command = [sys.executable, "-m", "filtering", step, "--config", str(config)]
+    """:func:`kill_job_midway` for ``python -m <package> <step> --config ... --set ...``."""
+    command = [sys.executable, "-m", get_step(step).package, step, "--config", str(config)]
     for override in overrides:
         command += ["--set", override]
     return kill_job_midway(command, shards_dir, after)
@@ -94,6 +95,43 @@ def local_ray():
     start_local_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+CORPUS_SHARD_SIZE = 3
+"""The sample corpus in six shards: enough to kill a job between two of them."""
+
+
+def corpus_overrides(run_dir: Path) -> list[str]:
+    """A run in ``run_dir`` over the sample corpus (built there) in shards of :data:`CORPUS_SHARD_SIZE`."""
+    return [
+        f"run.run_dir={run_dir}",
+        f"ingest.source.path={run_dir / 'corpus'}",
+        f"ingest.shard_size={CORPUS_SHARD_SIZE}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def filtered_corpus(tmp_path_factory):
+    """The sample corpus ingested and filtered once per test session (with a local Ray of its own when
+    none is running): ``(config, filter manifest)``. Tests copy what they change."""
+    import ray
+
+    from filtering.filter import run_filter
+    from filtering.ingest import run_ingest
+    from infu.config import load_config
+    from infu.raycluster import start_local_ray
+
+    config = load_config(EMBEDDED, corpus_overrides(tmp_path_factory.mktemp("filtered_corpus")))
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray(num_cpus=2, include_dashboard=False)
+    try:
+        run_ingest(config)
+        manifest = run_filter(config)
+    finally:
+        if started:
+            ray.shutdown()
+    return config, manifest
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ shards of schema version 1 as input."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from infu.sample_corpus import build_sample_corpus, read_labels
 from infu.shards import ShardWriter, iter_samples, read_records
 from infu.steps import StepError
 
-from .conftest import EMBEDDED, kill_step_job_midway
+from .conftest import CORPUS_SHARD_SIZE, EMBEDDED, corpus_overrides, kill_step_job_midway
 from .test_shards import V2_COLUMNS, full_record, write_v1_shard
 
 GOOD = {
@@ -143,26 +142,6 @@ def test_the_manifest_embedding_space_is_the_one_space_of_the_scored_faces(tmp_p
         scored_embedding_space(tmp_path)
     (tmp_path / "000003_stats.json").unlink()
     assert scored_embedding_space(tmp_path) == "dlib"
-
-
-CORPUS_SHARD_SIZE = 3
-"""The sample corpus in six shards: enough to kill a filter job between two of them."""
-
-
-def corpus_overrides(run_dir: Path) -> list[str]:
-    return [
-        f"run.run_dir={run_dir}",
-        f"ingest.source.path={run_dir / 'corpus'}",
-        f"ingest.shard_size={CORPUS_SHARD_SIZE}",
-    ]
-
-
-@pytest.fixture(scope="module")
-def filtered_corpus(local_ray, tmp_path_factory):
-    config = load_config(EMBEDDED, corpus_overrides(tmp_path_factory.mktemp("run")))
-    run_ingest(config)
-    manifest = run_filter(config)
-    return config, manifest
 
 
 def test_every_corpus_variant_gets_its_expected_decision(filtered_corpus):

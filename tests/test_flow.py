@@ -13,9 +13,11 @@ import psutil
 import pytest
 import ray
 
+from infu.captions import read_captions
 from infu.index import DatasetIndex
 from infu.raycluster import JobFailedError, free_port, run_job
 from infu.sample_corpus import build_sample_corpus, read_labels
+from infu.steps import get_step
 
 from .conftest import EMBEDDED, PROJECT_ROOT
 
@@ -32,8 +34,6 @@ FILTERED_OUTCOMES = {
     "watermark": 1,
     "no_face": 1,
 }
-
-pytestmark = pytest.mark.slow
 
 
 def run(command: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
@@ -60,19 +60,27 @@ def assert_filtered(run_dir: Path) -> None:
     assert DatasetIndex(run_dir / "filter").reason_counts() == FILTERED_OUTCOMES
 
 
+def assert_captioned(run_dir: Path, kept: int = FILTERED_OUTCOMES["ok"]) -> None:
+    rows = read_captions(run_dir / "caption")
+    assert len(rows) == kept and all(row["attribute"] for row in rows.values())
+
+
 def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     ray.shutdown()
     result = run([str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"ingest output: {tmp_path / 'ingest'}" in result.stdout
     assert f"filter output: {tmp_path / 'filter'}" in result.stdout
+    assert f"caption output: {tmp_path / 'caption'}" in result.stdout
     assert "Flow run" in result.stderr + result.stdout and "Completed" in result.stderr + result.stdout
     assert_ingested(tmp_path)
     assert_filtered(tmp_path)
     assert sorted(path.name.split("-")[0] for path in (tmp_path / "_configs").iterdir()) == [
+        "caption",
         "filter",
         "ingest",
     ]
+    assert_captioned(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +140,12 @@ def stop_processes_mentioning(*markers: str) -> None:
 
 
 def submit_step(ray_head: str, step: str, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`ray job submit -- python -m filtering <step> ...`, as the README shows."""
+    """`ray job submit -- python -m <package> <step> ...`, as the README shows."""
     auth = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
     entrypoint = [
         "python",
         "-m",
-        "filtering",
+        get_step(step).package,
         step,
         "--config",
         str(EMBEDDED),
@@ -158,6 +166,7 @@ def small_source(folder: Path) -> list[str]:
     return ["--set", "ingest.source.kind=folder", "--set", f"ingest.source.path={photos}"]
 
 
+@pytest.mark.slow
 def test_the_output_folder_decides_what_runs_on_a_persistent_cluster(ray_head, tmp_path):
     """Lineage through `ray job submit` and `infu run` against one `ray start --head` cluster."""
     source = small_source(tmp_path)
@@ -166,6 +175,10 @@ def test_the_output_folder_decides_what_runs_on_a_persistent_cluster(ray_head, t
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     again = submit_step(ray_head, "ingest", submitted, *source)
     assert again.returncode == 0 and "is complete for identity" in again.stdout
+    for step in ("filter", "caption"):
+        done = submit_step(ray_head, step, submitted, *source)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_captioned(submitted, kept=2)
 
     def infu_run(*overrides: str) -> str:
         command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path / "flow")]
@@ -175,19 +188,23 @@ def test_the_output_folder_decides_what_runs_on_a_persistent_cluster(ray_head, t
 
     # Another run folder on the same cluster, same config: everything runs there.
     output = infu_run()
-    assert "submitted job infu-embedded-ingest-" in output and "submitted job infu-embedded-filter-" in output
+    for step in ("ingest", "filter", "caption"):
+        assert f"submitted job infu-embedded-{step}-" in output
     assert DatasetIndex(tmp_path / "flow" / "filter").reason_counts() == {"ok": 2, "too_small": 1}
+    assert_captioned(tmp_path / "flow", kept=2)
     # Unchanged, or only resources changed: nothing runs.
     output = infu_run("--set", "filter.resources.concurrency=1", "--set", "ingest.resources.batch_size=2")
-    assert "submitted job" not in output and output.count("is complete for this config; skipping it") == 2
+    assert "submitted job" not in output and output.count("is complete for this config; skipping it") == 3
     # An ingest setting changed: ingest and everything after it run again; the old outputs are kept aside.
     output = infu_run("--set", "ingest.min_side=350")
     assert "submitted job infu-embedded-ingest-" in output and "submitted job infu-embedded-filter-" in output
     assert DatasetIndex(tmp_path / "flow" / "filter").reason_counts() == {"ok": 1, "too_small": 2}
+    assert_captioned(tmp_path / "flow", kept=1)
     superseded = sorted(path.name.split("-")[0] for path in (tmp_path / "flow" / "_superseded").iterdir())
-    assert superseded == ["filter", "ingest"]
+    assert superseded == ["caption", "filter", "ingest"]
 
 
+@pytest.mark.slow
 def test_a_failed_job_fails_the_step_and_is_retried_as_a_new_attempt(ray_head):
     lines: list[str] = []
     failing = f"{sys.executable} -c \"print('about to fail'); raise SystemExit(3)\""

@@ -29,7 +29,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def tree_copy(tmp_path: Path) -> Path:
-    for package in ("infu", "filtering", "flows"):
+    for package in ("infu", "filtering", "captioning", "flows"):
         shutil.copytree(
             PROJECT_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -48,6 +48,7 @@ def test_the_tree_keeps_its_contracts(tree_copy):
     [
         ("infu/uses_a_step.py", "import filtering.ingest\n", "infu (the core) imports no step package"),
         ("flows/uses_a_step.py", "from filtering.filter import decide\n", "flows import no step package"),
+        ("captioning/uses_a_step.py", "import filtering.ingest\n", "step packages never import each other"),
     ],
 )
 def test_a_planted_cross_floor_import_fails_the_lint(tree_copy, module, planted, broken):

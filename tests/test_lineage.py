@@ -54,10 +54,11 @@ def test_an_explicit_input_folder_contributes_its_manifest_identity(tmp_path):
 
 
 def test_the_registry_orders_steps_and_names_unknown_ones():
-    assert pipeline_order()[:2] == ["ingest", "filter"]
+    assert pipeline_order() == ["ingest", "filter", "caption"]
     assert get_step("filter").upstream == ("ingest",) and get_step("filter").package == "filtering"
-    with pytest.raises(StepError, match="unknown step 'caption'; registered steps: ingest, filter"):
-        get_step("caption")
+    assert get_step("caption").upstream == ("filter",) and get_step("caption").package == "captioning"
+    with pytest.raises(StepError, match="unknown step 'train'; registered steps: ingest, filter, caption"):
+        get_step("train")
 
 
 def commit_shard(out_dir, identity: str) -> None:

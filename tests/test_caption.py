@@ -1,0 +1,134 @@
+"""The caption step: every kept sample captioned from several sources, one captions Parquet per filter
+shard, caption stats per source, kill/resume to the same rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from captioning.caption import AssembleStage, CaptionTable, run_caption
+from captioning.config import CaptionQuality
+from infu.captions import CAPTION_SOURCES, read_caption_rows, read_captions
+from infu.config import load_config
+from infu.shards import (
+    ShardWriter,
+    committed_shards,
+    iter_samples,
+    read_records,
+    read_stats,
+    shard_name,
+    stats_path,
+)
+
+from .conftest import EMBEDDED, kill_step_job_midway
+
+
+def kept_records(config) -> dict[str, dict]:
+    return {
+        record["key"]: record
+        for record in read_records(config.step_dir("filter"))
+        if record["status"] == "ok"
+    }
+
+
+@pytest.fixture(scope="module")
+def captioned_corpus(filtered_corpus, local_ray):
+    config, _ = filtered_corpus
+    return config, run_caption(config)
+
+
+def test_every_kept_sample_gets_an_attribute_caption_and_at_least_one_more(captioned_corpus):
+    config, manifest = captioned_corpus
+    out_dir = config.step_dir("caption")
+    kept = kept_records(config)
+    rows = read_captions(out_dir)
+    assert sorted(rows) == sorted(kept) and len(rows) == 10
+    assert manifest["status"] == "complete" and manifest["counts"]["samples"] == 10
+    assert manifest["sources"] == ["original", "attribute", "small", "blip2"]
+    for key, row in rows.items():
+        assert row["attribute"] and row["attribute"].startswith("a ")
+        captioned = [source for source in CAPTION_SOURCES if row[source]]
+        assert len(captioned) >= 2, (key, row)
+        assert row["internvl2"] is None  # not configured
+        assert row["original"] == (kept[key]["captions"] or {}).get("original")
+    with_text = [row for row in rows.values() if row["original"]]
+    assert with_text, "the sample corpus has dataset text for some photos"
+
+
+def test_one_captions_parquet_per_filter_shard_with_caption_stats(captioned_corpus):
+    config, _ = captioned_corpus
+    out_dir = config.step_dir("caption")
+    filter_shards = committed_shards(config.step_dir("filter"))
+    assert committed_shards(out_dir) == filter_shards
+    assert not list(out_dir.glob("*.tar")), "image bytes are not copied again"
+    for shard in filter_shards:
+        stats = json.loads(stats_path(out_dir, shard).read_text())
+        rows = read_caption_rows(out_dir / f"{shard}.parquet")
+        kept_in_shard = [r for r in read_records(config.step_dir("filter")) if r["shard"] == shard]
+        assert len(rows) == sum(1 for record in kept_in_shard if record["status"] == "ok")
+        assert stats["count"] == len(rows) and stats["ok"] == len(rows)
+        assert stats["captions"]["attribute"]["count"] == len(rows)
+        assert sum(stats["captions"]["attribute"]["length_histogram"]["counts"]) == len(rows)
+    totals = sum(stats["ok"] for stats in read_stats(out_dir))
+    assert totals == 10
+
+
+def test_the_model_free_sources_and_checks_make_the_row():
+    assemble = AssembleStage(["original", "attribute", "small"], 0, CaptionQuality())
+    record = {
+        "key": "sample-1",
+        "dataset": "sample",
+        "captions": {"original": "  a man   in a suit "},
+        "attributes": {"Smiling": "true"},
+        "faces": [],
+        "scores": {},
+        "width": 512,
+        "height": 512,
+    }
+    row = assemble.caption_row({"record": record, "image": None, "captions": {"small": "two men two men"}})
+    assert row["key"] == "sample-1" and row["original"] == "a man in a suit"
+    assert row["attribute"].startswith("a ")
+    assert row["small"] is None and "multiple_people" in row["flags"]["small"]
+    blank = assemble.caption_row({"record": {**record, "captions": {"original": " . "}}, "image": None})
+    assert blank["original"] is None and blank["flags"]["original"] == ["empty"]
+    missing = assemble.caption_row({"record": {**record, "captions": None}, "image": None})
+    assert missing["original"] is None and "original" not in missing["flags"]
+    counts = CaptionTable(["original", "small"]).counts([row, missing])
+    assert (counts["ok"], counts["rejected"], counts["reasons"]) == (1, 1, {"no_caption": 1})
+
+
+def one_sample_per_shard(filter_dir: Path, folder: Path) -> Path:
+    """The kept samples of a filter output re-sharded one per shard: enough shards to kill a job between."""
+    folder.mkdir()
+    for index, sample in enumerate(iter_samples(filter_dir)):
+        with ShardWriter(folder, shard_name(index)) as writer:
+            writer.add(sample.record, sample.image, sample.extension)
+            writer.commit()
+    return folder
+
+
+def test_a_killed_caption_job_resumes_to_the_same_rows(captioned_corpus, local_ray, tmp_path):
+    """A caption job over ten one-sample shards SIGKILLed after three, then rerun: the caption rows
+    equal those of an uninterrupted run."""
+    config, _ = captioned_corpus
+    shards = one_sample_per_shard(config.step_dir("filter"), tmp_path / "shards")
+
+    def overrides(run_dir: Path) -> list[str]:
+        # Longer captions: a shard takes long enough for the kill to land between two commits.
+        return [f"run.run_dir={run_dir}", f"caption.input={shards}", "caption.blip2.max_new_tokens=48"]
+
+    reference = load_config(EMBEDDED, overrides(tmp_path / "reference"))
+    run_caption(reference)
+    interrupted_overrides = [*overrides(tmp_path / "interrupted"), "caption.resources.concurrency=1"]
+    interrupted = load_config(EMBEDDED, interrupted_overrides)
+    out_dir = interrupted.step_dir("caption")
+    done = kill_step_job_midway("caption", EMBEDDED, interrupted_overrides, out_dir, after=3)
+    assert 3 <= done < 10, "the kill should land mid-run"
+
+    manifest = run_caption(interrupted)
+
+    assert manifest["run"]["caption"]["shards_skipped"] == done
+    rows = read_captions(out_dir)
+    assert len(rows) == 10 and rows == read_captions(reference.step_dir("caption"))
