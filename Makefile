@@ -25,6 +25,11 @@ ifeq ($(MACHINE),gpu)
 	$(PIP) --no-deps onnxruntime-gpu
 endif
 	$(VENV)/bin/python -c 'from infu.face.providers import check_install; print(check_install("$(MACHINE)"))'
+	# Bytecode of every installed module, compiled once in parallel (pip's --no-compile above skips its
+	# slower serial pass): with PYTHONDONTWRITEBYTECODE set, as on CI, Python never caches bytecode itself
+	# and every process (each Ray worker) would recompile torch & co. on import, twice the CPU. Some
+	# packages ship Python 2 test files that do not compile: those errors are expected, hence `|| true`.
+	$(VENV)/bin/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 

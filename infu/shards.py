@@ -32,7 +32,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from infu.images import extension_for_mime
 from infu.paths import write_atomic
@@ -99,6 +98,8 @@ class ShardWriter:
         self.table = table
         self._tmp = self.out_dir / TMP_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir(parents=True)
+        import webdataset as wds  # here, not at import: webdataset imports torch, which shard readers skip
+
         self._tar_file = open(self._tmp / f"{name}.tar", "wb")
         self._tar = wds.TarWriter(self._tar_file, encoder=False, mtime=0.0)
         self._records: list[dict[str, Any]] = []

@@ -285,3 +285,12 @@ def test_index_counts_and_queries(tmp_path):
     assert rows == [{"aesthetic": 6.25, "blip2": "a woman smiling"}]
     wide = index.query("SELECT count(*) AS n FROM samples WHERE height > $height", height=770)
     assert wide == [{"n": 3}]
+
+
+def test_the_steps_read_tasks_import_no_torch():
+    """A phase's reader processes import the step module that holds ``read_task``: torch (2-6 s per
+    process on 2 busy cores) stays out of them; only model stages and the shard writer import it."""
+    step_modules = "captioning.caption, filtering.filter, filtering.ingest"
+    probe = f"import sys, {step_modules}; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]

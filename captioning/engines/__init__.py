@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import copy
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from captioning.config import Blip2Captioner, InternVL2Captioner, NeuralCaptioner, SmallCaptioner
-from captioning.engines.base import Captioner
+
+if TYPE_CHECKING:  # importing this package must not import torch: the caption step's readers import it
+    from captioning.engines.base import Captioner
 
 SOURCES: dict[str, type[NeuralCaptioner]] = {
     "small": SmallCaptioner,

@@ -7,8 +7,6 @@ ds.map_batches(FaceBatchAnnotator, fn_constructor_kwargs={"config": face_config}
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime
-import torch
 
 from infu.face.base import BadImageError, Face, largest_face
 from infu.face.config import FaceConfig
@@ -56,6 +54,9 @@ class FaceBatchAnnotator:
         (the insightface ONNX models, the torch IR-SE50 recognizer), else one CPU."""
         on_gpu = False
         if CUDA in config.providers:
+            import onnxruntime
+            import torch
+
             onnx_gpu = config.backend == "insightface" and CUDA in onnxruntime.get_available_providers()
             torch_gpu = config.recognizer == "arcface_ir_se50" and torch.cuda.is_available()
             on_gpu = onnx_gpu or torch_gpu
