@@ -28,6 +28,7 @@ import pytest
 
 from infu.config import load_config
 from infu.manifest import open_step_output
+from infu.steps import configured_steps
 
 from ..conftest import EMBEDDED, PROJECT_ROOT
 
@@ -283,7 +284,7 @@ def test_the_temporary_prefect_server_of_infu_run_listens_on_loopback_only(tmp_p
     """Every step complete: `infu run` starts only Prefect's temporary server (no Ray)."""
     run_dir = tmp_path / "run"
     config = load_config(EMBEDDED, [f"run.run_dir={run_dir}"])
-    for step in ("ingest", "filter"):
+    for step in configured_steps(config):
         open_step_output(config, step, config.step(step)).complete()
     infu = Path(sys.executable).parent / "infu"
     command = [str(infu), "run", "--config", str(EMBEDDED), "--set", f"run.run_dir={run_dir}"]
