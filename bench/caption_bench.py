@@ -26,8 +26,8 @@ from captioning.caption import caption_phase
 from filtering.ingest import run_ingest
 from infu.config import InfuConfig, load_config
 from infu.raycluster import start_local_ray
-from infu.runner import batched, run_phase
-from infu.shards import read_stats
+from infu.runner import batched, run_phase, shard_tasks
+from infu.shards import committed_shards, read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_IMAGES = 43_000_000
@@ -35,13 +35,13 @@ PAPER_IMAGES = 43_000_000
 
 def loop_worker(config: InfuConfig, source: str, shards_dir: Path, captions: Any) -> None:
     """The bare loop, in a fresh process: load the captioner, then decode and caption every chunk."""
-    from captioning.caption import DecodeStage, caption_phase, read_kept_samples
+    from captioning.caption import DecodeStage, read_kept_samples
     from captioning.engines import load_captioner
 
     settings = config.step("caption")
     captioner = load_captioner(source, settings.neural()[source])
     decode = DecodeStage(settings.max_side, settings.max_pixels)
-    for task in caption_phase(settings, shards_dir, shards_dir).tasks:
+    for task in shard_tasks(committed_shards(shards_dir), records=shards_dir, tar=shards_dir):
         for chunk in batched(read_kept_samples(task.ref), settings.resources.batch_size):
             images = [item["image"] for item in decode.process(chunk) if item["image"] is not None]
             captions.value += len(captioner.caption(images))

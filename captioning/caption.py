@@ -31,7 +31,7 @@ from infu.images import BadImageError, decode_image
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, summarize
 from infu.records import Status
-from infu.runner import Phase, ShardTask, Stage, StageOutput, StageRef, run_phase, stage
+from infu.runner import Phase, Stage, StageOutput, StageRef, run_phase, shard_tasks, stage
 from infu.shards import InputImages, ShardTable, committed_shards, read_parquet_records, read_stats
 from infu.steps import StepError
 
@@ -59,7 +59,7 @@ def is_grayscale(image: Image.Image) -> bool:
 
 class DecodeStage(Stage):
     """CPU: each sample's original image, decoded and downscaled to ``max_side`` (None if undecodable:
-    its neural captions are then empty, and flagged)."""
+    its neural captions are then missing)."""
 
     name = "decode"
     one_to_one = True
@@ -194,12 +194,7 @@ def caption_phase(
     return Phase(
         label="caption",
         out_dir=out_dir,
-        tasks=[
-            ShardTask(
-                name, {"records": str(input_dir / f"{name}.parquet"), "tar": str(input_dir / f"{name}.tar")}
-            )
-            for name in committed_shards(input_dir)
-        ],
+        tasks=shard_tasks(committed_shards(input_dir), records=input_dir, tar=input_dir),
         read_task=read_kept_samples,
         stages=caption_stages(settings),
         resources=settings.resources,

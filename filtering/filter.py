@@ -39,7 +39,7 @@ from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, summarize
 from infu.quality.config import QualityConfig
 from infu.records import RejectReason, Status, reject
-from infu.runner import Phase, ShardTask, Stage, StageOutput, run_phase, run_reduce, stage
+from infu.runner import Phase, Stage, StageOutput, run_phase, run_reduce, shard_tasks, stage
 from infu.shards import InputImages, committed_shards, read_parquet_records, read_stats
 from infu.steps import StepError
 
@@ -303,15 +303,6 @@ def scored_embedding_space(scored_dir: Path) -> str | None:
     if len(spaces) > 1:
         raise StepError(f"the scored shards in {scored_dir} mix face embedding spaces {spaces}")
     return spaces[0] if spaces else None
-
-
-def shard_tasks(names: list[str], **folders: Path) -> list[ShardTask]:
-    """One task per shard name: ``{"records": <folder>/<name>.parquet, ...}`` for each named folder."""
-    suffixes = {"records": ".parquet", "tar": ".tar", "decisions": ".parquet"}
-    return [
-        ShardTask(name, {role: str(folder / f"{name}{suffixes[role]}") for role, folder in folders.items()})
-        for name in names
-    ]
 
 
 def run_filter(config: InfuConfig) -> dict[str, Any]:

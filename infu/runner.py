@@ -70,6 +70,22 @@ class ShardTask:
     ref: dict[str, Any]
 
 
+def shard_tasks(names: list[str], **folders: Path) -> list[ShardTask]:
+    """One task per shard name, referring to its files in each named folder: role ``tar`` to
+    ``<folder>/<name>.tar``, every other role (``records``, ``decisions``...) to
+    ``<folder>/<name>.parquet``."""
+    return [
+        ShardTask(
+            name,
+            {
+                role: str(folder / f"{name}{'.tar' if role == 'tar' else '.parquet'}")
+                for role, folder in folders.items()
+            },
+        )
+        for name in names
+    ]
+
+
 @dataclass(frozen=True)
 class StageOutput:
     """A processed sample: its record, and for kept samples the original bytes and extension."""
@@ -310,16 +326,16 @@ class _Progress:
         print(f"{self.label}: shard {shard} FAILED: {error}", flush=True)
 
 
-def _stage_resources(ref: StageRef, resources: Resources) -> tuple[int, float, float, str]:
+def _stage_resources(ref: StageRef, resources: Resources) -> tuple[int, float, float, dict[str, Any] | None]:
     """Workers, CPUs and GPUs per worker of one stage (``resources.stages.<name>`` overrides the step's;
-    only ``uses_gpu`` stages reserve the step's GPUs), and its runtime environment (as JSON)."""
+    only ``uses_gpu`` stages reserve the step's GPUs), and its runtime environment."""
     override = resources.stages.get(ref.cls.name)
     concurrency = override.concurrency if override and override.concurrency else resources.concurrency
     num_cpus = override.num_cpus if override and override.num_cpus else resources.num_cpus
     num_gpus = resources.num_gpus if ref.cls.uses_gpu else 0.0
     if override and override.num_gpus is not None:
         num_gpus = override.num_gpus
-    return concurrency, num_cpus, num_gpus, json.dumps(ref.runtime_env, sort_keys=True)
+    return concurrency, num_cpus, num_gpus, ref.runtime_env
 
 
 def fused_operators(stages: Sequence[StageRef], resources: Resources) -> list[tuple[list[StageRef], tuple]]:
@@ -349,7 +365,6 @@ def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.dat
     operators = fused_operators(phase.stages, phase.resources)
     for index, (refs, (concurrency, num_cpus, num_gpus, runtime_env)) in enumerate(operators):
         last = index == len(operators) - 1
-        environment = json.loads(runtime_env)
         dataset = dataset.map(
             _StageWorker,
             fn_constructor_kwargs={
@@ -362,7 +377,7 @@ def _pipeline(phase: Phase, pending: list[ShardTask]):  # noqa: ANN202 - ray.dat
             compute=ray.data.ActorPoolStrategy(size=min(concurrency, len(pending))),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
-            **({"runtime_env": environment} if environment else {}),
+            **({"runtime_env": runtime_env} if runtime_env else {}),
         )
     return dataset
 

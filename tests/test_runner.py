@@ -144,18 +144,18 @@ def test_stages_with_equal_resources_fuse_into_one_operator():
     assert [len(refs) for refs, _ in fused_operators(chain, on_cpus)] == [4]
     on_gpus = Resources(concurrency=2, num_cpus=1, num_gpus=1)
     assert [(len(refs), wanted) for refs, wanted in fused_operators(chain, on_gpus)] == [
-        (2, (2, 1, 0.0, "null")),
-        (1, (2, 1, 1, "null")),
-        (1, (2, 1, 0.0, "null")),
+        (2, (2, 1, 0.0, None)),
+        (1, (2, 1, 1, None)),
+        (1, (2, 1, 0.0, None)),
     ]
     split = on_cpus.model_copy(update={"stages": {"prepare": StageResources(concurrency=4)}})
     assert [len(refs) for refs, _ in fused_operators(chain, split)] == [1, 3]
     own_env = {"pip": ["salesforce-lavis==1.0.2"]}
     chain[2] = stage(Model, runtime_env=own_env)  # an engine with pins of its own never fuses with others
     assert [(len(refs), wanted[3]) for refs, wanted in fused_operators(chain, on_cpus)] == [
-        (2, "null"),
-        (1, '{"pip": ["salesforce-lavis==1.0.2"]}'),
-        (1, "null"),
+        (2, None),
+        (1, own_env),
+        (1, None),
     ]
 
 
