@@ -287,10 +287,12 @@ def test_index_counts_and_queries(tmp_path):
     assert wide == [{"n": 3}]
 
 
-def test_the_steps_read_tasks_import_no_torch():
-    """A phase's reader processes import the step module that holds ``read_task``: torch (2-6 s per
-    process on 2 busy cores) stays out of them; only model stages and the shard writer import it."""
+def test_the_steps_read_tasks_and_phase_plans_import_no_torch():
+    """A phase's reader processes import the step module that holds ``read_task``, and the job's driver
+    plans the phase's stages (the caption engines' runtime envs included): torch (2-6 s per process on 2
+    busy cores, 10 s of transformers on the driver) stays out of them; only model stages import it."""
     step_modules = "captioning.caption, filtering.filter, filtering.ingest"
-    probe = f"import sys, {step_modules}; print('torch' in sys.modules)"
+    plan = "captioning.caption.caption_stages(captioning.config.CaptionConfig(blip2={}, internvl2={}))"
+    probe = f"import sys, captioning.config, {step_modules}; {plan}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]

@@ -43,10 +43,28 @@ ENGINES: dict[type[NeuralCaptioner], dict[str, str]] = {
     },
 }
 """Settings class -> engine -> ``module:class`` in this package."""
+LAVIS_PINS = ["salesforce-lavis==1.0.2", "transformers==4.26.1"]
+LMDEPLOY_PIN = "lmdeploy==0.18.0"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+RUNTIME_ENVS: dict[str, dict[str, Any]] = {
+    "lavis_blip2:Blip2LavisCaptioner": {
+        "pip": {"packages": LAVIS_PINS, "pip_check": False},
+        "env_vars": OFFLINE,
+    },
+    "lmdeploy_internvl2:InternVL2LmdeployCaptioner": {
+        "pip": {"packages": [LMDEPLOY_PIN], "pip_check": False},
+        "env_vars": OFFLINE,
+    },
+}
+"""The engines whose pins clash with the job's env (``module:class`` -> its Ray runtime env): a
+virtualenv on top of the job's env with LAVIS and its transformers, or lmdeploy and its own torch
+(pip_check off: the job's own packages want newer ones). In production a container image with them
+(``image_uri``) starts faster and needs no package index on the workers. Declared here, not in the engine
+modules, so that the driver picks a runtime env without importing torch or transformers."""
 
 
-def engine_class(settings: NeuralCaptioner) -> type[Captioner]:
-    """The captioner class of ``settings`` (its type and ``engine``); imports that engine's module only."""
+def engine_target(settings: NeuralCaptioner) -> str:
+    """``module:class`` of the captioner of ``settings`` (its type and ``engine``), nothing imported."""
     for settings_class, engines in ENGINES.items():
         if isinstance(settings, settings_class):
             engine = getattr(settings, "engine", None)
@@ -54,11 +72,15 @@ def engine_class(settings: NeuralCaptioner) -> type[Captioner]:
                 raise ValueError(
                     f"{settings_class.__name__} has no engine {engine!r}: one of {', '.join(engines)}"
                 )
-            module_name, class_name = engines[engine].split(":")
-            module = importlib.import_module(f"{__name__}.{module_name}")
-            found: type[Captioner] = getattr(module, class_name)
-            return found
+            return engines[engine]
     raise TypeError(f"{type(settings).__name__} is not the settings of a neural caption source")
+
+
+def engine_class(settings: NeuralCaptioner) -> type[Captioner]:
+    """The captioner class of ``settings``; imports that engine's module only."""
+    module_name, class_name = engine_target(settings).split(":")
+    found: type[Captioner] = getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
+    return found
 
 
 def load_captioner(source: str, settings: NeuralCaptioner) -> Captioner:
@@ -73,7 +95,7 @@ def load_captioner(source: str, settings: NeuralCaptioner) -> Captioner:
 
 def runtime_env_for(settings: NeuralCaptioner) -> dict[str, Any] | None:
     """The Ray runtime env of the captioner's workers: ``settings.runtime_env`` when set, else its
-    engine's own (LAVIS's or lmdeploy's pins; None for the engines that run in the job's env)."""
+    engine's own (:data:`RUNTIME_ENVS`; None for the engines that run in the job's env)."""
     if settings.runtime_env is not None:
         return settings.runtime_env
-    return copy.deepcopy(engine_class(settings).default_runtime_env)
+    return copy.deepcopy(RUNTIME_ENVS.get(engine_target(settings)))

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from PIL import Image
@@ -87,8 +87,6 @@ class Captioner(ABC):
 
     default_prompt: ClassVar[str | None] = None
     """The prompt when ``settings.prompt`` is null (None: plain captioning)."""
-    default_runtime_env: ClassVar[dict[str, Any] | None] = None
-    """The Ray runtime env of the engine's workers when ``settings.runtime_env`` is null (None: the job's)."""
 
     def __init__(self, settings: NeuralCaptioner) -> None:
         self.settings = settings

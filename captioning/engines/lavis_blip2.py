@@ -1,7 +1,8 @@
 """BLIP-2 OPT through LAVIS (``engine: lavis``), for LAVIS's COCO-finetuned captioning checkpoints.
 
 salesforce-lavis 1.0.2 pins transformers<4.27, so it runs in a Ray runtime env of its own
-(:data:`RUNTIME_ENV`), never in the main environment. Real checkpoints only: there is no tiny variant.
+(:data:`captioning.engines.RUNTIME_ENVS`), never in the main environment. Real checkpoints only: there is
+no tiny variant.
 
 LAVIS downloads everything by default; here ``settings.model`` is a folder that holds it all, laid out
 under the names LAVIS asks for, and nothing is fetched:
@@ -33,16 +34,9 @@ import torch
 from PIL import Image
 
 from captioning.config import Blip2Captioner
+from captioning.engines import LAVIS_PINS
 from captioning.engines.base import Captioner, require_folder, torch_device
 
-LAVIS_PINS = ["salesforce-lavis==1.0.2", "transformers==4.26.1"]
-RUNTIME_ENV: dict[str, Any] = {
-    "pip": {"packages": LAVIS_PINS, "pip_check": False},
-    "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-}
-"""A virtualenv on top of the job's env with LAVIS and its transformers (pip_check off: the job's own
-packages want a newer transformers). In production a container image with them (``image_uri``) starts
-faster and needs no package index on the workers."""
 EVA_VIT_G_FILE = "eva_vit_g.pth"
 QFORMER_BERT = "bert-base-uncased"
 
@@ -74,8 +68,6 @@ def torch_hub_dir(folder: Path) -> Iterator[None]:
 
 class Blip2LavisCaptioner(Captioner):
     """LAVIS ``blip2_opt`` of ``settings.lavis_model_type``, loaded from ``settings.model``."""
-
-    default_runtime_env = RUNTIME_ENV
 
     def __init__(self, settings: Blip2Captioner) -> None:
         super().__init__(settings)

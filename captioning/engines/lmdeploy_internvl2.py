@@ -1,8 +1,9 @@
 """InternVL2 through lmdeploy's TurboMind engine (``engine: lmdeploy``), for GPU nodes.
 
-lmdeploy 0.18.0 pins torch<=2.12.1, so it runs in a Ray runtime env of its own (:data:`RUNTIME_ENV`),
-never in the main environment. ``settings.model`` is an original OpenGVLab/InternVL2-* folder (with its
-remote code, hence ``trust_remote_code``); real checkpoints only, there is no tiny variant.
+lmdeploy 0.18.0 pins torch<=2.12.1, so it runs in a Ray runtime env of its own
+(:data:`captioning.engines.RUNTIME_ENVS`), never in the main environment. ``settings.model`` is an
+original OpenGVLab/InternVL2-* folder (with its remote code, hence ``trust_remote_code``); real checkpoints
+only, there is no tiny variant.
 
 Default prompt: ``Describe the person in this photo in one detailed sentence.`` (lmdeploy applies the
 model's chat template). Decoding is greedy (``do_sample=False``, ``top_k=1``). ``tensor_parallel`` GPUs
@@ -12,21 +13,12 @@ pipeline call. TurboMind computes in 16 bits: ``dtype: float32`` (the default) m
 
 from __future__ import annotations
 
-from typing import Any
-
 from PIL import Image
 
 from captioning.config import InternVL2Captioner
+from captioning.engines import LMDEPLOY_PIN
 from captioning.engines.base import PERSON_PROMPT, Captioner, require_folder
 
-LMDEPLOY_PIN = "lmdeploy==0.18.0"
-RUNTIME_ENV: dict[str, Any] = {
-    "pip": {"packages": [LMDEPLOY_PIN], "pip_check": False},
-    "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-}
-"""A virtualenv on top of the job's env with lmdeploy and its own torch (pip_check off: the job's packages
-want the newer torch). In production a container image with them (``image_uri``) starts faster and needs
-no package index on the workers."""
 TURBOMIND_DTYPES = {"float32": "auto", "float16": "float16", "bfloat16": "bfloat16"}
 
 
@@ -34,7 +26,6 @@ class InternVL2LmdeployCaptioner(Captioner):
     """An lmdeploy ``pipeline`` over ``settings.model``; one (prompt, image) request per image."""
 
     default_prompt = PERSON_PROMPT
-    default_runtime_env = RUNTIME_ENV
 
     def __init__(self, settings: InternVL2Captioner) -> None:
         super().__init__(settings)
