@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -38,9 +39,11 @@ def _shared(sub: str) -> Path:
     return path
 
 
-def kill_job_midway(command: list[str], shards_dir: Path, after: int) -> int:
+def kill_job_midway(
+    command: list[str], shards_dir: Path, after: int, count: Callable[[Path], int] | None = None
+) -> int:
     """Run ``command`` (a job with its own local Ray) and SIGKILL its whole session once ``after`` shards
-    are committed in ``shards_dir``; returns how many were committed by then.
+    are committed in ``shards_dir`` (or ``count(shards_dir)`` reaches ``after``); returns the count then.
 
     The session, not the process group: Ray workers lead process groups of their own, and one that
     outlived the kill could still commit a shard after the count."""
@@ -51,12 +54,13 @@ def kill_job_midway(command: list[str], shards_dir: Path, after: int) -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 180
-    while len(committed_shards(shards_dir)) < after and time.monotonic() < deadline and job.poll() is None:
+    count = count or (lambda folder: len(committed_shards(folder)))
+    deadline = time.monotonic() + 300
+    while count(shards_dir) < after and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
     _kill_session(job.pid)
     job.wait(timeout=30)
-    return len(committed_shards(shards_dir))
+    return count(shards_dir)
 
 
 def _kill_session(session_id: int) -> None:
@@ -75,12 +79,19 @@ def _session_of(process: psutil.Process) -> int | None:
         return None
 
 
-def kill_step_job_midway(step: str, config: Path, overrides: list[str], shards_dir: Path, after: int) -> int:
+def kill_step_job_midway(
+    step: str,
+    config: Path,
+    overrides: list[str],
+    shards_dir: Path,
+    after: int,
+    count: Callable[[Path], int] | None = None,
+) -> int:
     """:func:`kill_job_midway` for ``python -m <package> <step> --config ... --set ...``."""
     command = [sys.executable, "-m", get_step(step).package, step, "--config", str(config)]
     for override in overrides:
         command += ["--set", override]
-    return kill_job_midway(command, shards_dir, after)
+    return kill_job_midway(command, shards_dir, after, count)
 
 
 @pytest.fixture(scope="module")
@@ -114,24 +125,42 @@ def corpus_overrides(run_dir: Path) -> list[str]:
 def filtered_corpus(tmp_path_factory):
     """The sample corpus ingested and filtered once per test session (with a local Ray of its own when
     none is running): ``(config, filter manifest)``. Tests copy what they change."""
-    import ray
-
     from filtering.filter import run_filter
     from filtering.ingest import run_ingest
     from infu.config import load_config
-    from infu.raycluster import start_local_ray
 
     config = load_config(EMBEDDED, corpus_overrides(tmp_path_factory.mktemp("filtered_corpus")))
+    with ray_unless_running():
+        run_ingest(config)
+        manifest = run_filter(config)
+    return config, manifest
+
+
+@pytest.fixture(scope="session")
+def captioned_corpus(filtered_corpus):
+    """:func:`filtered_corpus` captioned once per session: ``(config, caption manifest)``."""
+    from captioning.caption import run_caption
+
+    config, _ = filtered_corpus
+    with ray_unless_running():
+        return config, run_caption(config)
+
+
+@contextlib.contextmanager
+def ray_unless_running() -> Iterator[None]:
+    """A local Ray of its own for the block when none is connected."""
+    import ray
+
+    from infu.raycluster import start_local_ray
+
     started = not ray.is_initialized()
     if started:
         start_local_ray(num_cpus=2, include_dashboard=False)
     try:
-        run_ingest(config)
-        manifest = run_filter(config)
+        yield
     finally:
         if started:
             ray.shutdown()
-    return config, manifest
 
 
 @pytest.fixture(scope="session")

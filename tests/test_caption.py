@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from captioning.caption import AssembleStage, CaptionTable, run_caption
 from captioning.config import CaptionQuality
 from infu.captions import CAPTION_SOURCES, read_caption_rows, read_captions
@@ -31,12 +29,6 @@ def kept_records(config) -> dict[str, dict]:
         for record in read_records(config.step_dir("filter"))
         if record["status"] == "ok"
     }
-
-
-@pytest.fixture(scope="module")
-def captioned_corpus(filtered_corpus, local_ray):
-    config, _ = filtered_corpus
-    return config, run_caption(config)
 
 
 def test_every_kept_sample_gets_an_attribute_caption_and_at_least_one_more(captioned_corpus):

@@ -1,0 +1,205 @@
+"""Stage-1 training: the data plan, the flow-matching objective, and the Ray Train run (2 workers, gloo,
+FSDP2) that learns, resumes exactly after a kill and exports a checkpoint the pipeline loads."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from infu.config import load_config
+from infu.model.factory import build_pipeline, load_infu
+from infu.model.infu import InfU
+from infu.steps import StepError
+from training.config import DataConfig, TimestepConfig, TrainConfig
+from training.data import TrainingSamples, cover_crop, scaled_bucket, worker_batches
+from training.objective import FlowMatchingObjective, sample_timesteps
+from training.train import CHECKPOINTS_DIR, METRICS_FILE, run_training
+
+from .conftest import EMBEDDED, corpus_overrides, kill_step_job_midway, ray_unless_running
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed:FutureWarning")
+
+LEARNING_STEPS = 200
+RESUME_STEPS, KILL_AFTER = 20, 10
+
+
+def test_global_batch_must_split_into_micro_batches_on_every_worker():
+    with pytest.raises(ValueError, match=r"global_batch 6 is not a multiple .* 2 x resources.workers 2 = 4"):
+        TrainConfig(global_batch=6, data=DataConfig(micro_batch=2), resources={"workers": 2})
+    settings = TrainConfig(global_batch=16, data=DataConfig(micro_batch=2), resources={"workers": 2})
+    assert settings.accumulation_steps() == 4 and settings.accumulation_steps(workers=8) == 1
+
+
+def test_buckets_scale_down_in_multiples_of_16_and_crops_cover_the_target():
+    assert scaled_bucket(768, 1024, 64) == (48, 64)
+    assert scaled_bucket(1024, 1024, None) == (1024, 1024) and scaled_bucket(64, 48, 128) == (64, 48)
+    scale, left, top = cover_crop((200, 100), (64, 64))
+    assert scale == pytest.approx(0.64) and (left, top) == pytest.approx((32.0, 0.0))
+    # the keypoint at the photo's centre lands at the crop's centre
+    assert (100 * scale - left, 50 * scale - top) == pytest.approx((32.0, 32.0))
+
+
+def test_logit_normal_timesteps_have_the_configured_logit_moments():
+    t = sample_timesteps(
+        TimestepConfig(logit_mean=0.5, logit_std=0.8), 20_000, torch.Generator().manual_seed(0)
+    )
+    logits = torch.logit(t.double())
+    assert 0 < t.min() and t.max() < 1
+    assert logits.mean().item() == pytest.approx(0.5, abs=0.03) and logits.std().item() == pytest.approx(
+        0.8, abs=0.03
+    )
+
+
+@pytest.fixture(scope="module")
+def samples(captioned_corpus) -> TrainingSamples:
+    config, _ = captioned_corpus
+    return TrainingSamples(
+        config.step_dir("filter"),
+        config.step_dir("caption"),
+        DataConfig(micro_batch=2, max_side=64, control_dropout=0.0),
+        config.model.projection.embedding_space,
+        workers=2,
+    )
+
+
+def test_the_plan_batches_same_size_samples_once_per_epoch_and_resumes_at_any_position(samples):
+    summary = samples.summary()
+    assert summary["trainable_samples"] == 10 and summary["buckets"] == {"48x64": 10}
+    assert summary["global_micro_batches_per_epoch"] == 2 and summary["left_over_per_epoch"] == 2
+    stream = samples.global_micro_batches()
+    first = [next(stream) for _ in range(8)]
+    for epoch in range(4):
+        batches = [batch for batch_epoch, batch in first if batch_epoch == epoch]
+        keys = [ref.key for batch in batches for ref in batch]
+        assert len(batches) == 2 and len(keys) == len(set(keys)) == 8
+        assert {ref.size for batch in batches for ref in batch} == {(48, 64)}
+    assert [batch for _, batch in first[:2]] != [batch for _, batch in first[2:4]], "epochs reshuffle"
+    resumed = samples.global_micro_batches(start=5)
+    assert [next(resumed) for _ in range(3)] == first[5:8]
+
+
+def test_a_worker_batch_holds_the_target_its_keypoint_control_caption_and_identity(samples):
+    batch = next(worker_batches(samples, rank=1, start=0))
+    _, planned = next(samples.global_micro_batches())
+    assert batch["keys"] == [ref.key for ref in planned[2:4]] and batch["position"] == 0
+    assert batch["pixels"].shape == batch["control"].shape == (2, 3, 64, 48)
+    assert -1 <= batch["pixels"].min() and batch["pixels"].max() <= 1
+    assert batch["control"].amax(dim=(1, 2, 3)).gt(-1).all(), "keypoints drawn (no control dropout)"
+    norms = batch["id_embedding"].norm(dim=-1)
+    assert batch["id_embedding"].shape == (2, 128) and torch.allclose(norms, torch.ones(2))
+    assert all(isinstance(prompt, str) for prompt in batch["prompts"])
+
+
+def test_identity_embeddings_of_another_space_are_refused(captioned_corpus):
+    config, _ = captioned_corpus
+    samples = TrainingSamples(
+        config.step_dir("filter"), config.step_dir("caption"), DataConfig(), "arcface_ir_se50", workers=1
+    )
+    with pytest.raises(
+        StepError, match="has a dlib face embedding, but the projection takes arcface_ir_se50"
+    ):
+        samples.summary()
+
+
+def test_only_infusenet_and_projection_get_gradients_from_the_velocity_loss(samples):
+    config = load_config(EMBEDDED)
+    pipeline = build_pipeline(config.model)
+    infu = InfU(pipeline.image_proj, pipeline.infusenet)
+    pipeline.transformer.requires_grad_(False)
+    objective = FlowMatchingObjective(pipeline, infu, config.step("stage1"), max_sequence_length=32)
+    batch = next(worker_batches(samples, rank=0, start=0))
+    loss = objective.loss(batch, torch.Generator().manual_seed(0))
+    assert loss.item() == objective.loss(batch, torch.Generator().manual_seed(0)).item()
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    loss.backward()
+    assert all(param.grad is None for param in pipeline.transformer.parameters())
+    assert all(
+        param.grad is None for model in (pipeline.vae, pipeline.text_encoder) for param in model.parameters()
+    )
+    assert all(param.grad is not None for param in infu.parameters())
+    # the InfuseNet's output layers start at zero: at step 0 only they move, then the rest follows
+    assert pipeline.infusenet.controlnet_blocks[0].weight.grad.abs().sum() > 0
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "stage1" / METRICS_FILE).read_text().splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+
+
+def copy_inputs(source: Path, dest: Path) -> None:
+    for step in ("corpus", "ingest", "filter", "caption"):
+        shutil.copytree(source / step, dest / step)
+
+
+def saved_checkpoints(folder: Path) -> int:
+    return len(list((folder / CHECKPOINTS_DIR).glob("step_*/.metadata")))
+
+
+@pytest.fixture(scope="module")
+def trained(captioned_corpus, tmp_path_factory):
+    """200 uninterrupted steps on 2 Ray Train workers: ``(config, manifest)``."""
+    config, _ = captioned_corpus
+    run_dir = tmp_path_factory.mktemp("trained")
+    copy_inputs(config.run.run_dir, run_dir)
+    trained_config = load_config(EMBEDDED, [*corpus_overrides(run_dir), f"stage1.steps={LEARNING_STEPS}"])
+    with ray_unless_running():
+        return trained_config, run_training(trained_config, "stage1")
+
+
+def test_two_fsdp_workers_learn_over_200_steps(trained):
+    config, manifest = trained
+    curve = losses(config.run.run_dir)
+    assert sorted(curve) == list(range(1, LEARNING_STEPS + 1))
+    first, last = (
+        np.mean([curve[step] for step in range(1, 31)]),
+        np.mean([curve[step] for step in range(171, 201)]),
+    )
+    assert last < 0.85 * first, (first, last)
+    assert manifest["status"] == "complete" and manifest["steps"] == LEARNING_STEPS
+    assert manifest["resumed_from_step"] is None
+    assert manifest["data"]["trainable_samples"] == 10
+    kept = sorted(path.name for path in (config.step_dir("stage1") / CHECKPOINTS_DIR).glob("step_*"))
+    assert kept == ["step_000000150", "step_000000200"], "checkpoint.keep: 2"
+    assert (config.step_dir("stage1") / "tensorboard").is_dir()
+
+
+def test_the_export_is_the_trained_model_in_the_released_layout_and_generates(trained, tmp_path):
+    config, manifest = trained
+    export = Path(manifest["export"])
+    assert (export / "infu_flux_v1.0" / "aes_stage2" / "InfuseNetModel" / "config.json").is_file()
+    exported = InfU.from_pretrained(export, "aes_stage2", config.model.projection)
+    fresh = load_infu(config.model, build_pipeline(config.model).transformer, torch.float32)
+    zero_init = exported.infusenet.controlnet_blocks[0].weight
+    assert zero_init.abs().sum() > 0 and fresh.infusenet.controlnet_blocks[0].weight.abs().sum() == 0
+    from infu.model.cli import generate
+
+    photo = Path(pytest.importorskip("skimage.data").__file__).parent / "astronaut.png"
+    generating = load_config(EMBEDDED, [f"model.infu_model={export}"])
+    written = generate(generating, [photo], "a portrait", tmp_path / "out.png", seed=0)
+    assert Image.open(written).size == (96, 128)
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_losses(trained, tmp_path):
+    config, _ = trained
+    copy_inputs(config.run.run_dir, tmp_path)
+    overrides = [
+        *corpus_overrides(tmp_path),
+        f"stage1.steps={RESUME_STEPS}",
+        f"stage1.checkpoint.every={KILL_AFTER}",
+    ]
+    out_dir = tmp_path / "stage1"
+    saved = kill_step_job_midway("stage1", EMBEDDED, overrides, out_dir, after=1, count=saved_checkpoints)
+    assert saved == 1 and not (out_dir / "export").exists(), "killed after the first checkpoint"
+    resumed = load_config(EMBEDDED, overrides)
+    with ray_unless_running():
+        manifest = run_training(resumed, "stage1")
+    assert manifest["resumed_from_step"] == KILL_AFTER
+    uninterrupted = losses(config.run.run_dir)
+    assert losses(tmp_path) == {step: uninterrupted[step] for step in range(1, RESUME_STEPS + 1)}

@@ -1,0 +1,119 @@
+"""The training sections (``stage1:``; ``stage2:`` once SPMS pairs exist): data, objective, optimiser,
+distribution, checkpoints, logging and the planner's setup. Paper values are in ``configs/flux-dev.yaml``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from infu.captions import MixtureConfig
+from infu.config import Section
+from infu.model.config import LATENT_PIXEL_MULTIPLE
+from infu.paths import ResolvedPath
+from training.plan import PlanConfig
+
+
+class DataConfig(Section):
+    """What one training sample is: the filter's kept image in its aspect-ratio bucket, a caption drawn
+    from the caption mixture, the identity embedding of the reference face, the target's keypoints."""
+
+    micro_batch: int = Field(4, ge=1, description="samples per worker per forward pass")
+    max_side: int | None = Field(
+        None,
+        ge=LATENT_PIXEL_MULTIPLE,
+        multiple_of=LATENT_PIXEL_MULTIPLE,
+        description="scale the filter's buckets down to this longer side (null: train at the bucket size)",
+    )
+    control_dropout: float = Field(0.1, ge=0, lt=1, description="share of samples with a black control")
+    mixture: MixtureConfig = MixtureConfig()
+    shuffle_seed: int = Field(0, description="with the epoch, orders shards and samples")
+
+
+class TimestepConfig(Section):
+    """Flow-matching timesteps t in (0, 1): logit-normal(mean, std) as in SD3/FLUX training, or uniform."""
+
+    sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+
+
+class OptimizerConfig(Section):
+    """AdamW with linear warmup to a constant learning rate, and gradient clipping by global norm."""
+
+    lr: float = Field(2e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null: no clipping")
+
+
+class CheckpointConfig(Section):
+    """Sharded torch distributed checkpoints through Ray Train: committed when every worker has written
+    its part, the newest ``keep`` retained."""
+
+    every: int = Field(1000, ge=1, description="steps between checkpoints (the last step always saves)")
+    keep: int = Field(3, ge=1)
+
+
+class ValidationConfig(Section):
+    """Images generated with the model being trained, from fixed prompts and the identities of the first
+    ``identities`` training samples (sorted by key): a visual check of progress."""
+
+    every: int | None = Field(None, ge=1, description="steps between validations (null: never)")
+    prompts: list[str] = Field(default_factory=lambda: ["a portrait photo of a person"])
+    identities: int = Field(2, ge=1)
+    num_steps: int = Field(4, ge=1)
+    seed: int = 0
+
+
+class TrainResources(Section):
+    """Ray Train workers; never part of the step's identity (the global batch fixes the math)."""
+
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+
+
+class TrainConfig(Section):
+    """Train InfuseNet + the identity projection on a frozen base with conditional flow matching."""
+
+    init: ResolvedPath | None = Field(
+        None, description="InfU checkpoint (released layout) to start from; null: fresh from the base"
+    )
+    steps: int = Field(300_000, ge=1)
+    global_batch: int = Field(512, ge=1, description="samples per optimiser step over all workers")
+    seed: int = Field(0, description="noise, timesteps and dropout: with the step and worker, every draw")
+    guidance_scale: float = Field(3.5, ge=0, description="the base's guidance input (FLUX.1-dev has one)")
+    infusenet_guidance_scale: float = Field(1.0, ge=0)
+    data: DataConfig = DataConfig()
+    timesteps: TimestepConfig = TimestepConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    fsdp: bool = Field(True, description="FSDP2: shard every transformer block of the base and InfuseNet")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of the models (bfloat16 on GPUs; master weights stay fp32)"
+    )
+    activation_checkpointing: bool = False
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log_every: int = Field(10, ge=1, description="steps between log lines and TensorBoard points")
+    validation: ValidationConfig = ValidationConfig()
+    plan: PlanConfig = PlanConfig()
+    resources: TrainResources = TrainResources()
+
+    @model_validator(mode="after")
+    def _micro_batches_fill_the_global_batch(self) -> TrainConfig:
+        self.accumulation_steps()
+        return self
+
+    def accumulation_steps(self, workers: int | None = None) -> int:
+        """Micro batches per worker per optimiser step: ``global_batch / (micro_batch * workers)``."""
+        workers = workers or self.resources.workers
+        per_pass = self.data.micro_batch * workers
+        if self.global_batch % per_pass:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not a multiple of data.micro_batch "
+                f"{self.data.micro_batch} x resources.workers {workers} = {per_pass}"
+            )
+        return self.global_batch // per_pass

@@ -1,0 +1,280 @@
+"""The training data: the filter's kept samples in aspect-ratio buckets, planned into batches from their
+metadata alone, then read, decoded and cropped on the worker that trains on them.
+
+**Plan.** Every worker computes the same plan from the Parquet columns of the filter's shards (no image is
+read): per epoch the shards are shuffled (seeded by ``shuffle_seed`` and the epoch), then each shard's
+samples; a sample joins the buffer of its bucket, and a full buffer (``micro_batch x workers`` samples) is
+one *global micro batch*, of which worker ``r`` takes the ``r``-th slice. The plan's position is the number
+of global micro batches consumed, so a resumed run skips exactly what the killed one trained on, reading
+metadata only. Samples left in a bucket's buffer at the end of an epoch are counted
+(:attr:`EpochPlan.left_over`): they meet other samples in the next epoch's order.
+
+**Sample.** Stage 1 (SPSS): the reference face is the target's own (its identity embedding, from the
+filter's record); the control image draws the target's five keypoints, mapped through the same
+resize-and-crop as the image, or is black with probability ``control_dropout``; the caption is drawn by the
+:class:`~infu.captions.CaptionMixture` (its ``empty_rate`` is the caption dropout).
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import random
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from infu.captions import CaptionMixture, read_caption_rows, stable_uniform
+from infu.face.control import black_control, draw_keypoints_control
+from infu.images import decode_image
+from infu.model.config import LATENT_PIXEL_MULTIPLE
+from infu.records import Status
+from infu.shards import InputImages, committed_shards, read_parquet_records
+from infu.steps import StepError
+from training.config import DataConfig
+
+PLAN_COLUMNS = ["key", "status", "bucket_width", "bucket_height", "face_embedding_space"]
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """A planned sample: where it is and the size it trains at (width, height)."""
+
+    shard: str
+    key: str
+    size: tuple[int, int]
+
+
+@dataclass
+class EpochPlan:
+    """What an epoch's plan held: its global micro batches and the samples no batch took."""
+
+    batches: int = 0
+    left_over: Counter[tuple[int, int]] = field(default_factory=Counter)
+
+
+def scaled_bucket(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """A bucket scaled down (aspect kept) so its longer side is at most ``max_side``, in multiples of 16."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+
+    def side(value: int) -> int:
+        return max(
+            LATENT_PIXEL_MULTIPLE, round(value * scale / LATENT_PIXEL_MULTIPLE) * LATENT_PIXEL_MULTIPLE
+        )
+
+    return side(width), side(height)
+
+
+def cover_crop(size: tuple[int, int], target: tuple[int, int]) -> tuple[float, float, float]:
+    """Scale and (left, top) offset that resize ``size`` to cover ``target`` and centre-crop it."""
+    (width, height), (target_width, target_height) = size, target
+    scale = max(target_width / width, target_height / height)
+    return scale, (width * scale - target_width) / 2, (height * scale - target_height) / 2
+
+
+def largest_face_keypoints(faces: list[dict[str, Any]]) -> np.ndarray | None:
+    """The five keypoints ``[5, 2]`` of the largest face of a record."""
+    if not faces:
+        return None
+    face = max(
+        faces, key=lambda face: (face["bbox"][2] - face["bbox"][0]) * (face["bbox"][3] - face["bbox"][1])
+    )
+    return np.asarray(face["keypoints"], dtype=np.float32).reshape(5, 2)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB image -> ``[3, H, W]`` float in [-1, 1] (the VAE's input range)."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class TrainingSamples:
+    """The filter's kept samples with a face embedding, their captions, and the deterministic batch plan."""
+
+    def __init__(
+        self, filter_dir: Path, captions_dir: Path, data: DataConfig, embedding_space: str, workers: int
+    ):
+        self.filter_dir = Path(filter_dir)
+        self.captions_dir = Path(captions_dir)
+        self.data = data
+        self.embedding_space = embedding_space
+        self.workers = workers
+        self.mixture = CaptionMixture(data.mixture)
+        self.shards = committed_shards(self.filter_dir)
+        if not self.shards:
+            raise StepError(f"no committed shards in {self.filter_dir}: run the filter step first")
+        captioned = set(committed_shards(self.captions_dir))
+        missing = [shard for shard in self.shards if shard not in captioned]
+        if missing:
+            raise StepError(
+                f"{len(missing)} filter shard(s) have no captions in {self.captions_dir} (first: "
+                f"{missing[0]}): run the caption step first"
+            )
+        self.images = InputImages()
+
+    @property
+    def global_micro_batch(self) -> int:
+        return self.data.micro_batch * self.workers
+
+    @functools.cache  # noqa: B019 - one plan index per shard, kept for the run
+    def shard_refs(self, shard: str) -> tuple[SampleRef, ...]:
+        """The trainable samples of a shard, from its metadata columns."""
+        table = pq.read_table(self.filter_dir / f"{shard}.parquet", columns=PLAN_COLUMNS).to_pylist()
+        refs = []
+        for row in table:
+            if row["status"] != Status.OK or row["bucket_width"] is None:
+                continue
+            if row["face_embedding_space"] != self.embedding_space:
+                raise StepError(
+                    f"sample {row['key']} in {self.filter_dir}/{shard} has a {row['face_embedding_space']} "
+                    f"face embedding, but the projection takes {self.embedding_space} embeddings "
+                    "(face.recognizer of the filter run vs model.projection.embedding_space)"
+                )
+            size = scaled_bucket(row["bucket_width"], row["bucket_height"], self.data.max_side)
+            refs.append(SampleRef(shard, row["key"], size))
+        return tuple(refs)
+
+    def epoch(self, epoch: int, plan: EpochPlan | None = None) -> Iterator[list[SampleRef]]:
+        """The global micro batches of ``epoch`` (same-size samples each), in plan order."""
+        order = random.Random(f"{self.data.shuffle_seed}:{epoch}")
+        shards = list(self.shards)
+        order.shuffle(shards)
+        buffers: dict[tuple[int, int], list[SampleRef]] = defaultdict(list)
+        for shard in shards:
+            refs = list(self.shard_refs(shard))
+            order.shuffle(refs)
+            for ref in refs:
+                buffer = buffers[ref.size]
+                buffer.append(ref)
+                if len(buffer) == self.global_micro_batch:
+                    if plan is not None:
+                        plan.batches += 1
+                    yield list(buffer)
+                    buffer.clear()
+        if plan is not None:
+            plan.left_over.update({size: len(buffer) for size, buffer in buffers.items() if buffer})
+
+    def global_micro_batches(self, start: int = 0) -> Iterator[tuple[int, list[SampleRef]]]:
+        """``(epoch, batch)`` forever, epoch after epoch, from position ``start`` (batches already
+        consumed); a dataset with no bucket able to fill one batch is a :class:`StepError`."""
+        position, epoch = 0, 0
+        while True:
+            plan = EpochPlan()
+            for batch in self.epoch(epoch, plan):
+                if position >= start:
+                    yield epoch, batch
+                position += 1
+            if plan.batches == 0:
+                raise StepError(
+                    f"no aspect-ratio bucket holds {self.global_micro_batch} trainable samples "
+                    f"(data.micro_batch x workers); samples per bucket: {dict(plan.left_over)}"
+                )
+            epoch += 1
+
+    def summary(self) -> dict[str, Any]:
+        """Samples per bucket and those an epoch cannot batch (for the manifest)."""
+        plan = EpochPlan()
+        for _ in self.epoch(0, plan):
+            pass
+        sizes = Counter(ref.size for shard in self.shards for ref in self.shard_refs(shard))
+        return {
+            "trainable_samples": sum(sizes.values()),
+            "buckets": {f"{width}x{height}": count for (width, height), count in sorted(sizes.items())},
+            "global_micro_batches_per_epoch": plan.batches,
+            "left_over_per_epoch": sum(plan.left_over.values()),
+        }
+
+    # reading samples ----------------------------------------------------------------------------------
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019
+    def shard_records(self, shard: str) -> dict[str, dict[str, Any]]:
+        return {
+            record["key"]: record for record in read_parquet_records(self.filter_dir / f"{shard}.parquet")
+        }
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019
+    def shard_captions(self, shard: str) -> dict[str, dict[str, Any]]:
+        return {row["key"]: row for row in read_caption_rows(self.captions_dir / f"{shard}.parquet")}
+
+    def load(self, ref: SampleRef, epoch: int) -> dict[str, Any]:
+        """One training sample: target pixels, control pixels, caption, identity embedding."""
+        record = self.shard_records(ref.shard)[ref.key]
+        tar = str(self.filter_dir / f"{ref.shard}.tar")
+        image = decode_image(self.images.read({"record": record, "tar": tar}))
+        scale, left, top = cover_crop(image.size, ref.size)
+        resized = (round(image.width * scale), round(image.height * scale))
+        width, height = ref.size
+        crop = (round(left), round(top), round(left) + width, round(top) + height)
+        target = image.resize(resized, Image.Resampling.BICUBIC).crop(crop)
+        seed = self.data.shuffle_seed
+        kps = largest_face_keypoints(record["faces"])
+        if kps is None or stable_uniform(seed, ref.key, epoch, "control") < self.data.control_dropout:
+            control = black_control(ref.size)
+        else:
+            control = draw_keypoints_control(ref.size, kps * scale - np.array([round(left), round(top)]))
+        _, caption = self.mixture.pick(ref.key, epoch, self.shard_captions(ref.shard).get(ref.key, {}))
+        return {
+            "key": ref.key,
+            "pixels": to_pixels(target),
+            "control": to_pixels(control),
+            "prompt": caption,
+            "id_embedding": torch.tensor(record["face_embedding"], dtype=torch.float32),
+        }
+
+    def batch(self, refs: list[SampleRef], epoch: int) -> dict[str, Any]:
+        samples = [self.load(ref, epoch) for ref in refs]
+        return {
+            "keys": [sample["key"] for sample in samples],
+            "pixels": torch.stack([sample["pixels"] for sample in samples]),
+            "control": torch.stack([sample["control"] for sample in samples]),
+            "prompts": [sample["prompt"] for sample in samples],
+            "id_embedding": torch.nn.functional.normalize(
+                torch.stack([sample["id_embedding"] for sample in samples]), dim=-1
+            ),
+        }
+
+
+def worker_batches(
+    samples: TrainingSamples, rank: int, start: int, prefetch: int = 2
+) -> Iterator[dict[str, Any]]:
+    """Worker ``rank``'s micro batches from plan position ``start``, read ahead in a background thread
+    (``epoch`` and ``position`` included in each)."""
+    micro = samples.data.micro_batch
+    ready: queue.Queue[dict[str, Any] | BaseException] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for position, (epoch, refs) in enumerate(samples.global_micro_batches(start), start=start):
+                batch = samples.batch(refs[rank * micro : (rank + 1) * micro], epoch)
+                while not stop.is_set():
+                    try:
+                        ready.put({**batch, "epoch": epoch, "position": position}, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            ready.put(error)
+
+    thread = threading.Thread(target=produce, name="training-data", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,268 @@
+"""The training loop, run by every Ray Train worker, and the step that launches it.
+
+Each worker builds the pipeline (frozen FLUX parts, InfuseNet, projection), shards it
+(:mod:`training.parallelize`), resumes from Ray Train's latest checkpoint when there is one, then per
+optimiser step accumulates ``global_batch / (micro_batch x workers)`` micro batches of the flow-matching
+loss (:mod:`training.objective`), clips, steps AdamW and the LR schedule. Every draw (noise, timesteps,
+VAE sampling) comes from a generator seeded by (seed, step, worker, micro batch), and the data plan restarts
+at its saved position, so a resumed run repeats the uninterrupted run's losses exactly (on CPU).
+Rank 0 logs to the console and TensorBoard and appends one JSON line per step to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from infu.captions import stable_uniform
+from infu.config import InfuConfig
+from infu.lineage import upstream_inputs
+from infu.manifest import open_step_output
+from infu.steps import StepError
+from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
+from training.config import TrainConfig
+from training.data import TrainingSamples, worker_batches
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def draw_seed(*parts: object) -> int:
+    """A 53-bit seed that depends only on ``parts``."""
+    return int(stable_uniform(*parts) * 2**53)
+
+
+def build_models(config: InfuConfig, settings: TrainConfig, device: torch.device) -> tuple[Any, Any]:
+    """The pipeline (frozen base, VAE, text encoders) and the trainable InfU, starting from
+    ``settings.init`` (a released-layout checkpoint) or fresh from the base."""
+    from infu.model.factory import build_pipeline
+    from infu.model.infu import InfU
+
+    model = config.model.model_copy(update={"infu_model": settings.init, "loras": [], "quantize": None})
+    pipeline = build_pipeline(model, device=device, dtype=DTYPES[settings.param_dtype])
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, InfU(pipeline.image_proj, pipeline.infusenet)
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Drop the lines a killed run wrote after its last checkpoint (they are trained again)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def train_loop(payload: dict[str, Any]) -> None:
+    """One Ray Train worker: the whole training run."""
+    import ray.train
+    import ray.train.torch
+    from diffusers.optimization import get_scheduler
+    from torch.utils.tensorboard import SummaryWriter
+
+    from training.objective import FlowMatchingObjective
+    from training.parallelize import parallelize
+
+    # diffusers' FLUX blocks return views and add residuals out of place, which FSDP2 warns about in case
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    # diffusers warns of truncated prompts with a wrong slice (empty texts); the truncation is intended
+    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
+    config: InfuConfig = payload["config"]
+    step_name: str = payload["step"]
+    out_dir = Path(payload["out_dir"])
+    settings: TrainConfig = config.step(step_name)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(settings.seed)
+
+    pipeline, infu = build_models(config, settings, device)
+    parallelize(
+        pipeline.transformer,
+        infu,
+        fsdp=settings.fsdp and dist.is_initialized(),
+        activation_checkpointing=settings.activation_checkpointing,
+        param_dtype=DTYPES[settings.param_dtype],
+        device=device,
+    )
+    params = [param for param in infu.parameters() if param.requires_grad]
+    optim = settings.optimizer
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
+    )
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=optim.warmup_steps)
+    progress = {"step": 0, "position": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            progress = load_training_state(Path(folder), infu, optimizer, scheduler, rank)
+        print(f"{step_name}: resumed at step {progress['step']} (data position {progress['position']})")
+
+    samples = TrainingSamples(
+        Path(payload["filter_dir"]),
+        Path(payload["captions_dir"]),
+        settings.data,
+        config.model.projection.embedding_space,
+        world,
+    )
+    objective = FlowMatchingObjective(pipeline, infu, settings, config.model.inference.max_sequence_length)
+    accumulation = settings.accumulation_steps(world)
+    batches = worker_batches(samples, rank, start=progress["position"])
+    writer = None
+    if rank == 0:
+        trim_metrics(out_dir / METRICS_FILE, progress["step"])
+        writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=progress["step"] + 1)
+    step, position = progress["step"], progress["position"]
+    started, window_samples, window_tokens = time.perf_counter(), 0, 0
+    while step < settings.steps:
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        tokens = 0
+        for micro in range(accumulation):
+            batch = next(batches)
+            generator = torch.Generator(device).manual_seed(draw_seed(settings.seed, step, rank, micro))
+            loss = objective.loss(batch, generator) / accumulation
+            loss.backward()
+            loss_sum += loss.detach()
+            height, width = batch["pixels"].shape[-2:]
+            tokens += len(batch["keys"]) * (height // 16) * (width // 16)
+        if optim.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [param.grad for param in params if param.grad is not None]
+            )
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        position += accumulation
+        window_samples += settings.global_batch
+        window_tokens += tokens * world
+        if dist.is_initialized():
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        seconds = time.perf_counter() - started
+        metrics = {
+            "step": step,
+            "loss": float(loss_sum),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(norm),
+            "samples_per_s": window_samples / seconds,
+            "tokens_per_s": window_tokens / seconds,
+            "max_memory_mib": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**20,
+            "epoch": batch["epoch"],
+        }
+        if writer is not None:
+            with open(out_dir / METRICS_FILE, "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+            for name, value in metrics.items():
+                if name != "step":
+                    writer.add_scalar(f"train/{name}", value, step)
+            if step % settings.log_every == 0 or step == settings.steps:
+                print(
+                    f"{step_name}: step {step}/{settings.steps} loss {metrics['loss']:.4f} "
+                    f"lr {metrics['lr']:.2e} grad_norm {metrics['grad_norm']:.3f} "
+                    f"{metrics['samples_per_s']:.2f} samples/s",
+                    flush=True,
+                )
+        if step % settings.checkpoint.every == 0 or step == settings.steps:
+            with tempfile.TemporaryDirectory() as folder:
+                save_training_state(
+                    Path(folder), infu, optimizer, scheduler, {"step": step, "position": position}, rank
+                )
+                ray.train.report(
+                    {"step": step, "loss": metrics["loss"]},
+                    checkpoint=ray.train.Checkpoint.from_directory(folder),
+                    checkpoint_dir_name=f"step_{step:09d}",
+                )
+            started, window_samples, window_tokens = time.perf_counter(), 0, 0
+    if writer is not None:
+        writer.close()
+    export_infu(infu, out_dir / EXPORT_DIR, config.model.infu_version, rank)
+
+
+def last_checkpoint_step(folder: Path) -> int | None:
+    """The step of the newest complete checkpoint in ``folder`` (Ray Train resumes from it), or None."""
+    steps = [int(path.name.split("_")[1]) for path in folder.glob("step_*") if (path / ".metadata").is_file()]
+    return max(steps, default=None)
+
+
+def run_stage1(config: InfuConfig) -> dict[str, Any]:
+    return run_training(config, "stage1")
+
+
+def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
+    """Launch the training run of ``step_name`` on Ray Train and return the step's manifest."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from infu.raycluster import ensure_ray
+
+    settings: TrainConfig = config.step(step_name)
+    inputs = upstream_inputs(config, step_name)
+    folders = {name: str(path) for name, path in inputs.items()}
+    output = open_step_output(config, step_name, settings, **folders)
+    resources = settings.resources
+    samples = TrainingSamples(
+        inputs["filter"],
+        inputs["caption"],
+        settings.data,
+        config.model.projection.embedding_space,
+        resources.workers,
+    )
+    data_summary = samples.summary()
+    if data_summary["global_micro_batches_per_epoch"] == 0:
+        raise StepError(
+            f"no aspect-ratio bucket holds {samples.global_micro_batch} trainable samples: {data_summary}"
+        )
+    resumed_from = last_checkpoint_step(output.out_dir / CHECKPOINTS_DIR)
+    ensure_ray()
+    os.environ.setdefault(PRINT_PATCH, "0")  # the patch printed each log line twice
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config,
+            "step": step_name,
+            "out_dir": str(output.out_dir),
+            "filter_dir": str(inputs["filter"]),
+            "captions_dir": str(inputs["caption"]),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={
+                "CPU": resources.cpus_per_worker,
+                **({"GPU": 1} if resources.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=str(output.out_dir),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoint.keep),
+        ),
+    )
+    result = trainer.fit()
+    metrics = [json.loads(line) for line in (output.out_dir / METRICS_FILE).read_text().splitlines()]
+    return output.complete(
+        inputs=folders,
+        data=data_summary,
+        export=str(output.out_dir / EXPORT_DIR),
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        steps=settings.steps,
+        resumed_from_step=resumed_from,
+        final_loss=metrics[-1]["loss"] if metrics else None,
+        samples_seen=settings.steps * settings.global_batch,
+    )
