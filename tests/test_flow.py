@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -65,13 +66,22 @@ def assert_captioned(run_dir: Path, kept: int = FILTERED_OUTCOMES["ok"]) -> None
     assert len(rows) == kept and all(row["attribute"] for row in rows.values())
 
 
+def assert_trained(run_dir: Path, steps: int) -> None:
+    manifest = json.loads((run_dir / "stage1" / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["steps"] == steps
+    assert (Path(manifest["export"]) / "infu_flux_v1.0" / "aes_stage2" / "InfuseNetModel").is_dir()
+
+
 def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     ray.shutdown()
-    result = run([str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path)])
+    short_training = ["--set", "stage1.steps=4", "--set", "stage1.checkpoint.every=2"]
+    command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path)]
+    result = run([*command, *short_training])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"ingest output: {tmp_path / 'ingest'}" in result.stdout
     assert f"filter output: {tmp_path / 'filter'}" in result.stdout
     assert f"caption output: {tmp_path / 'caption'}" in result.stdout
+    assert f"stage1 output: {tmp_path / 'stage1'}" in result.stdout
     assert "Flow run" in result.stderr + result.stdout and "Completed" in result.stderr + result.stdout
     assert_ingested(tmp_path)
     assert_filtered(tmp_path)
@@ -79,8 +89,10 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
         "caption",
         "filter",
         "ingest",
+        "stage1",
     ]
     assert_captioned(tmp_path)
+    assert_trained(tmp_path, steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +191,14 @@ def test_the_output_folder_decides_what_runs_on_a_persistent_cluster(ray_head, t
         done = submit_step(ray_head, step, submitted, *source)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_captioned(submitted, kept=2)
+    two_samples = ["stage1.steps=2", "stage1.global_batch=2", "stage1.data.micro_batch=1"]
+    trained = submit_step(ray_head, "stage1", submitted, *source, *(f"--set={item}" for item in two_samples))
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert_trained(submitted, steps=2)
 
     def infu_run(*overrides: str) -> str:
         command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path / "flow")]
+        command += ["--set", "stage1=null"]  # lineage of the data steps; training is submitted above
         done = run([*command, *source, "--set", f"run.ray_address={ray_head}", *overrides])
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout + done.stderr

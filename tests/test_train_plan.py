@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pydantic
 import pytest
 import torch
@@ -195,3 +198,20 @@ def test_format_plan_shows_the_key_lines(paper):
     )
     assert precomputed.frozen_encoders_gib < 0.2 < paper.frozen_encoders_gib
     assert "prompt embeddings precomputed" in format_plan(precomputed)
+
+
+def test_the_plan_command_reads_a_config_training_section():
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "flux-dev.yaml"
+    result = CliRunner().invoke(app, ["plan", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "300000 steps x 512 samples at 40% MFU of 989 TFLOP/s x 128 GPUs: 7.5 days" in result.output
+    small = CliRunner().invoke(app, ["plan", "--config", str(config), "--set", "stage1.plan.gpus=64"])
+    days = {
+        gpus: float(re.search(rf"x {gpus} GPUs: ([\d.]+) days", out).group(1))
+        for gpus, out in ((128, result.output), (64, small.output))
+    }
+    assert days[64] == pytest.approx(2 * days[128], abs=0.1)

@@ -20,7 +20,7 @@ from infu.steps import StepError
 from training.config import DataConfig, TimestepConfig, TrainConfig
 from training.data import TrainingSamples, cover_crop, scaled_bucket, worker_batches
 from training.objective import FlowMatchingObjective, sample_timesteps
-from training.train import CHECKPOINTS_DIR, METRICS_FILE, run_training
+from training.train import CHECKPOINTS_DIR, METRICS_FILE, VALIDATION_DIR, run_training
 
 from .conftest import EMBEDDED, corpus_overrides, kill_step_job_midway, ray_unless_running
 
@@ -148,7 +148,8 @@ def trained(captioned_corpus, tmp_path_factory):
     config, _ = captioned_corpus
     run_dir = tmp_path_factory.mktemp("trained")
     copy_inputs(config.run.run_dir, run_dir)
-    trained_config = load_config(EMBEDDED, [*corpus_overrides(run_dir), f"stage1.steps={LEARNING_STEPS}"])
+    overrides = [f"stage1.steps={LEARNING_STEPS}", "stage1.validation.every=100"]
+    trained_config = load_config(EMBEDDED, [*corpus_overrides(run_dir), *overrides])
     with ray_unless_running():
         return trained_config, run_training(trained_config, "stage1")
 
@@ -168,6 +169,17 @@ def test_two_fsdp_workers_learn_over_200_steps(trained):
     kept = sorted(path.name for path in (config.step_dir("stage1") / CHECKPOINTS_DIR).glob("step_*"))
     assert kept == ["step_000000150", "step_000000200"], "checkpoint.keep: 2"
     assert (config.step_dir("stage1") / "tensorboard").is_dir()
+
+
+def test_validation_images_show_the_fixed_identities_as_training_goes(trained):
+    config, _ = trained
+    folder = config.step_dir("stage1") / VALIDATION_DIR
+    assert sorted(path.name for path in folder.iterdir()) == ["step_000000100", "step_000000200"]
+    names = ["identity0_prompt0.png", "identity1_prompt0.png"]
+    assert sorted(path.name for path in (folder / "step_000000200").iterdir()) == names
+    steps = ("step_000000100", "step_000000200")
+    halfway, last = (np.asarray(Image.open(folder / step / names[0])) for step in steps)
+    assert halfway.shape == (128, 96, 3) and not np.array_equal(halfway, last)
 
 
 def test_the_export_is_the_trained_model_in_the_released_layout_and_generates(trained, tmp_path):

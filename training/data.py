@@ -194,6 +194,13 @@ class TrainingSamples:
             "left_over_per_epoch": sum(plan.left_over.values()),
         }
 
+    def validation_identities(self, count: int) -> torch.Tensor:
+        """``[count, D]`` unit identity embeddings of the first ``count`` trainable samples by key."""
+        refs = [ref for shard in self.shards for ref in self.shard_refs(shard)]
+        refs.sort(key=lambda ref: ref.key)
+        embeddings = [self.shard_records(ref.shard)[ref.key]["face_embedding"] for ref in refs[:count]]
+        return torch.nn.functional.normalize(torch.tensor(embeddings, dtype=torch.float32), dim=-1)
+
     # reading samples ----------------------------------------------------------------------------------
 
     @functools.lru_cache(maxsize=4)  # noqa: B019

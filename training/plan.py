@@ -3,7 +3,7 @@
 Parameter counts are exact: the real architectures are built on the meta device (no memory). FLOPs are
 *model* FLOPs (matmuls only, 2 per multiply-accumulate, no recomputation), the quantity MFU is defined
 on: activation checkpointing's extra forward pass is not counted, so the stated MFU must absorb it.
-``.venv/bin/python -m training.plan`` prints the paper's stage-1 setup.
+``python -m training plan --config FILE`` prints it for a config's training section.
 """
 
 from __future__ import annotations
@@ -337,7 +337,3 @@ def format_plan(report: TrainingPlan) -> str:
         f"{plan.peak_tflops:g} TFLOP/s x {plan.gpus} GPUs: {report.days:.1f} days",
     ]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(format_plan(plan_training(PlanConfig(), projection=ProjectionConfig(), **PAPER_STAGE1)))

@@ -17,9 +17,12 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,12 +32,13 @@ from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output
 from infu.steps import StepError
 from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
-from training.config import TrainConfig
+from training.config import TrainConfig, ValidationConfig
 from training.data import TrainingSamples, worker_batches
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
+VALIDATION_DIR = "validation"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
@@ -58,6 +62,31 @@ def build_models(config: InfuConfig, settings: TrainConfig, device: torch.device
     return pipeline, InfU(pipeline.image_proj, pipeline.infusenet)
 
 
+def validate(
+    pipeline: Any,
+    identities: torch.Tensor,
+    settings: ValidationConfig,
+    folder: Path,
+    writer: Any,
+    step: int,
+) -> None:
+    """Images of each validation identity for each fixed prompt, with fixed noise: every worker generates
+    (the sharded models need all of them), rank 0 (the one with a ``writer``) saves PNGs and TensorBoard
+    images."""
+    for identity, embedding in enumerate(identities):
+        for number, prompt in enumerate(settings.prompts):
+            generator = torch.Generator(pipeline.transformer.device).manual_seed(settings.seed)
+            steps = settings.num_steps
+            image = pipeline(
+                prompt=prompt, id_embedding=embedding, num_inference_steps=steps, generator=generator
+            ).images[0]
+            if writer is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                image.save(folder / f"identity{identity}_prompt{number}.png")
+                pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+                writer.add_image(f"validation/identity{identity}_prompt{number}", pixels, step)
+
+
 def trim_metrics(path: Path, last_step: int) -> None:
     """Drop the lines a killed run wrote after its last checkpoint (they are trained again)."""
     if path.exists():
@@ -65,11 +94,73 @@ def trim_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Mean over the global batch."""
+    grad_norm: float
+    """Before clipping."""
+    tokens: int
+    """Image tokens this worker trained on."""
+    epoch: int
+
+
+def make_optimizer(infu: Any, settings: TrainConfig) -> tuple[list[torch.nn.Parameter], Any, Any]:
+    """The trainable parameters, AdamW over them, and linear warmup to a constant learning rate."""
+    from diffusers.optimization import get_scheduler
+
+    params = [param for param in infu.parameters() if param.requires_grad]
+    optim = settings.optimizer
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
+    )
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=optim.warmup_steps)
+    return params, optimizer, scheduler
+
+
+def optimizer_step(
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    params: list[torch.nn.Parameter],
+    batches: Iterator[dict[str, Any]],
+    settings: TrainConfig,
+    step: int,
+    rank: int,
+    accumulation: int,
+) -> StepResult:
+    """One optimiser step: ``accumulation`` micro batches of the loss, their gradients clipped, AdamW and
+    the schedule stepped. Every draw comes from a generator seeded by (seed, step, rank, micro batch)."""
+    device = next(iter(params)).device
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    for micro in range(accumulation):
+        batch = next(batches)
+        generator = torch.Generator(device).manual_seed(draw_seed(settings.seed, step, rank, micro))
+        loss = objective.loss(batch, generator) / accumulation
+        loss.backward()
+        loss_sum += loss.detach()
+        height, width = batch["pixels"].shape[-2:]
+        tokens += len(batch["keys"]) * (height // 16) * (width // 16)
+    grads = [param.grad for param in params if param.grad is not None]
+    clip = settings.optimizer.grad_clip
+    if clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+    optimizer.step()
+    scheduler.step()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return StepResult(float(loss_sum), float(norm), tokens, batch["epoch"])
+
+
 def train_loop(payload: dict[str, Any]) -> None:
     """One Ray Train worker: the whole training run."""
     import ray.train
     import ray.train.torch
-    from diffusers.optimization import get_scheduler
     from torch.utils.tensorboard import SummaryWriter
 
     from training.objective import FlowMatchingObjective
@@ -97,12 +188,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         param_dtype=DTYPES[settings.param_dtype],
         device=device,
     )
-    params = [param for param in infu.parameters() if param.requires_grad]
-    optim = settings.optimizer
-    optimizer = torch.optim.AdamW(
-        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
-    )
-    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=optim.warmup_steps)
+    params, optimizer, scheduler = make_optimizer(infu, settings)
     progress = {"step": 0, "position": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -120,6 +206,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     objective = FlowMatchingObjective(pipeline, infu, settings, config.model.inference.max_sequence_length)
     accumulation = settings.accumulation_steps(world)
     batches = worker_batches(samples, rank, start=progress["position"])
+    validation = settings.validation
+    identities = samples.validation_identities(validation.identities) if validation.every else None
     writer = None
     if rank == 0:
         trim_metrics(out_dir / METRICS_FILE, progress["step"])
@@ -127,42 +215,23 @@ def train_loop(payload: dict[str, Any]) -> None:
     step, position = progress["step"], progress["position"]
     started, window_samples, window_tokens = time.perf_counter(), 0, 0
     while step < settings.steps:
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        tokens = 0
-        for micro in range(accumulation):
-            batch = next(batches)
-            generator = torch.Generator(device).manual_seed(draw_seed(settings.seed, step, rank, micro))
-            loss = objective.loss(batch, generator) / accumulation
-            loss.backward()
-            loss_sum += loss.detach()
-            height, width = batch["pixels"].shape[-2:]
-            tokens += len(batch["keys"]) * (height // 16) * (width // 16)
-        if optim.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm(
-                [param.grad for param in params if param.grad is not None]
-            )
-        optimizer.step()
-        scheduler.step()
+        done = optimizer_step(
+            objective, optimizer, scheduler, params, batches, settings, step, rank, accumulation
+        )
         step += 1
         position += accumulation
         window_samples += settings.global_batch
-        window_tokens += tokens * world
-        if dist.is_initialized():
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        window_tokens += done.tokens * world
         seconds = time.perf_counter() - started
         metrics = {
             "step": step,
-            "loss": float(loss_sum),
+            "loss": done.loss,
             "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(norm),
+            "grad_norm": done.grad_norm,
             "samples_per_s": window_samples / seconds,
             "tokens_per_s": window_tokens / seconds,
             "max_memory_mib": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**20,
-            "epoch": batch["epoch"],
+            "epoch": done.epoch,
         }
         if writer is not None:
             with open(out_dir / METRICS_FILE, "a") as handle:
@@ -177,6 +246,9 @@ def train_loop(payload: dict[str, Any]) -> None:
                     f"{metrics['samples_per_s']:.2f} samples/s",
                     flush=True,
                 )
+        if validation.every and step % validation.every == 0:
+            folder = out_dir / VALIDATION_DIR / f"step_{step:09d}"
+            validate(pipeline, identities, validation, folder, writer, step)
         if step % settings.checkpoint.every == 0 or step == settings.steps:
             with tempfile.TemporaryDirectory() as folder:
                 save_training_state(

@@ -1,0 +1,131 @@
+"""Training throughput: optimiser steps fed by the real loader vs by one batch held in memory, and FLOPs
+per sample for MFU.
+
+Run: .venv/bin/python bench/train_bench.py [--steps 30] [--micro-batch 2] [--peak-tflops 989]
+On the embedded profile's tiny models (one process, no FSDP): the sample corpus is ingested, filtered and
+captioned, then the same optimiser step (:func:`training.train.optimizer_step`) runs on batches from
+:func:`training.data.worker_batches` (decode, crop, control drawing, caption mixture, read ahead in a
+thread) and on one batch repeated. Prints step time real/in-memory (goal <= 1.10), samples/s, the FLOPs
+of a step per sample measured by torch's FLOP counter, and MFU when ``--peak-tflops`` of the device is
+given; then the planner's FLOPs per sample for the paper's setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from captioning.caption import run_caption
+from filtering.filter import run_filter
+from filtering.ingest import run_ingest
+from infu.config import load_config
+from infu.model.config import ProjectionConfig
+from infu.raycluster import start_local_ray
+from training.data import TrainingSamples, worker_batches
+from training.objective import FlowMatchingObjective
+from training.parallelize import parallelize
+from training.plan import PAPER_STAGE1, PlanConfig, plan_training
+from training.train import build_models, make_optimizer, optimizer_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_steps(step: Any, batches: Iterator[dict[str, Any]], count: int, warmup: int = 3) -> float:
+    """Seconds per optimiser step over ``count`` steps after ``warmup`` ones."""
+    for index in range(warmup):
+        step(batches, index)
+    started = time.perf_counter()
+    for index in range(count):
+        step(batches, warmup + index)
+    return (time.perf_counter() - started) / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = Path(folder)
+        config = load_config(
+            ROOT / "configs" / "embedded.yaml",
+            [
+                f"run.run_dir={run_dir}",
+                f"ingest.source.path={run_dir / 'corpus'}",
+                f"stage1.data.micro_batch={args.micro_batch}",
+                f"stage1.global_batch={args.micro_batch}",
+                "stage1.resources.workers=1",
+            ],
+        )
+        start_local_ray(num_cpus=os.cpu_count(), include_dashboard=False)
+        run_ingest(config)
+        run_filter(config)
+        run_caption(config)
+        ray.shutdown()
+
+        settings = config.step("stage1")
+        device = torch.device("cpu")
+        pipeline, infu = build_models(config, settings, device)
+        parallelize(
+            pipeline.transformer,
+            infu,
+            fsdp=False,
+            activation_checkpointing=False,
+            param_dtype=torch.float32,
+            device=device,
+        )
+        params, optimizer, scheduler = make_optimizer(infu, settings)
+        max_tokens = config.model.inference.max_sequence_length
+        objective = FlowMatchingObjective(pipeline, infu, settings, max_tokens)
+        samples = TrainingSamples(
+            config.step_dir("filter"),
+            config.step_dir("caption"),
+            settings.data,
+            config.model.projection.embedding_space,
+            workers=1,
+        )
+
+        def step(batches: Iterator[dict[str, Any]], index: int) -> None:
+            optimizer_step(objective, optimizer, scheduler, params, batches, settings, index, 0, 1)
+
+        in_memory = timed_steps(step, itertools.repeat(next(worker_batches(samples, 0, 0))), args.steps)
+        real = timed_steps(step, worker_batches(samples, 0, 0), args.steps)
+        batch = next(worker_batches(samples, 0, 0))
+        with FlopCounterMode(display=False) as counter:
+            step(itertools.repeat(batch), 0)
+        flops = counter.get_total_flops() / args.micro_batch
+        height, width = batch["pixels"].shape[-2:]
+
+    print(
+        f"stage-1 step, tiny models, {args.micro_batch} samples of {width}x{height} per step, 1 CPU process:"
+        f" real loader {real * 1000:7.1f} ms/step | in-memory batch {in_memory * 1000:7.1f} ms/step"
+        f" | real/in-memory {real / in_memory:5.2f} (goal <= 1.10)"
+    )
+    per_step = args.micro_batch
+    print(
+        f"samples/s: real loader {per_step / real:6.2f} | in-memory {per_step / in_memory:6.2f};"
+        f" {flops / 1e9:.3f} GFLOP per sample per step (torch FLOP counter: encoders, forward, backward)"
+    )
+    if args.peak_tflops:
+        mfu = flops * args.micro_batch / real / (args.peak_tflops * 1e12)
+        print(f"MFU at {args.peak_tflops} TFLOP/s peak: {mfu:.4%}")
+    paper = plan_training(PlanConfig(), projection=ProjectionConfig(), **PAPER_STAGE1)
+    print(
+        f"paper setup (planner): {paper.flops_per_sample / 1e12:.1f} TFLOP per sample; "
+        f"{paper.days:.1f} days for {paper.steps} steps at {paper.plan.mfu:.0%} MFU on {paper.plan.gpus} GPUs"
+    )
+
+
+if __name__ == "__main__":
+    main()
