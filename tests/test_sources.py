@@ -78,6 +78,14 @@ def test_decoding_normalises_orientation_and_colour(corpus):
         probe_image((corpus / "people/person_0.jpg").read_bytes(), max_pixels=100)
 
 
+def test_a_jpeg_decodes_at_the_smallest_dct_scale_covering_the_size_asked(corpus):
+    upright = decode_image((corpus / "people/person_5.jpg").read_bytes(), min_size=(80, 100))
+    rotated = decode_image((corpus / "variants/exif_rotated.jpg").read_bytes(), min_size=(80, 100))
+    assert upright.size == rotated.size == (94, 120)  # 376 x 478 at 1/4: 1/8 would be under 100 high
+    full = decode_image((corpus / "people/person_5.jpg").read_bytes())
+    assert decode_image((corpus / "people/person_5.jpg").read_bytes(), min_size=(376, 478)).size == full.size
+
+
 def test_folder_source_lists_images_with_captions_and_counts_the_rest(corpus):
     source = open_source(SourceConfig(kind="sample_corpus", path=corpus, dataset="sample"))
     items = list(source.iter_items())

@@ -217,8 +217,9 @@ class TrainingSamples:
         """One training sample: target pixels, control pixels, caption, identity embedding."""
         record = self.shard_records(ref.shard)[ref.key]
         tar = str(self.filter_dir / f"{ref.shard}.tar")
-        image = decode_image(self.images.read({"record": record, "tar": tar}))
+        image = decode_image(self.images.read({"record": record, "tar": tar}), min_size=ref.size)
         scale, left, top = cover_crop(image.size, ref.size)
+        decoded_scale = image.width / record["width"]  # keypoints are in the original's pixels
         resized = (round(image.width * scale), round(image.height * scale))
         width, height = ref.size
         crop = (round(left), round(top), round(left) + width, round(top) + height)
@@ -228,7 +229,8 @@ class TrainingSamples:
         if kps is None or stable_uniform(seed, ref.key, epoch, "control") < self.data.control_dropout:
             control = black_control(ref.size)
         else:
-            control = draw_keypoints_control(ref.size, kps * scale - np.array([round(left), round(top)]))
+            offset = np.array([round(left), round(top)])
+            control = draw_keypoints_control(ref.size, kps * decoded_scale * scale - offset)
         _, caption = self.mixture.pick(ref.key, epoch, self.shard_captions(ref.shard).get(ref.key, {}))
         return {
             "key": ref.key,

@@ -8,6 +8,7 @@ The frozen VAE and text encoders are the pipeline's own.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -40,6 +41,9 @@ class FlowMatchingObjective:
         self.infu = infu
         self.config = config
         self.max_sequence_length = max_sequence_length
+        # diffusers warns of every truncated caption, printing a wrong slice (empty texts); captions are
+        # cut at max_sequence_length on purpose, as at inference
+        logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
 
     @torch.no_grad()
     def packed_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,6 @@ Rank 0 logs to the console and TensorBoard and appends one JSON line per step to
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import time
@@ -34,8 +33,6 @@ from infu.steps import StepError
 from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
 from training.config import TrainConfig, ValidationConfig
 from training.data import TrainingSamples, worker_batches
-
-log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 VALIDATION_DIR = "validation"
@@ -168,8 +165,6 @@ def train_loop(payload: dict[str, Any]) -> None:
 
     # diffusers' FLUX blocks return views and add residuals out of place, which FSDP2 warns about in case
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    # diffusers warns of truncated prompts with a wrong slice (empty texts); the truncation is intended
-    logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
     config: InfuConfig = payload["config"]
     step_name: str = payload["step"]
     out_dir = Path(payload["out_dir"])
