@@ -97,6 +97,23 @@ def test_a_worker_batch_holds_the_target_its_keypoint_control_caption_and_identi
     assert all(isinstance(prompt, str) for prompt in batch["prompts"])
 
 
+def test_identity_enhanced_training_takes_the_reference_from_another_photo_of_the_identity(captioned_corpus):
+    config, _ = captioned_corpus
+    data = DataConfig(micro_batch=2, max_side=64, reference="same_identity", empty_prompts=True)
+    samples = TrainingSamples(config.step_dir("filter"), config.step_dir("caption"), data, "dlib", workers=2)
+    members = samples.identity_members()
+    pairs = [refs for refs in members.values() if len(refs) == 2]
+    assert len(pairs) == 3 and samples.summary()["samples_alone_in_their_identity"] == 4
+    for first, second in pairs:
+        assert samples.reference_of(first, 0) == second and samples.reference_of(second, 3) == first
+    alone = next(refs[0] for refs in members.values() if len(refs) == 1)
+    assert samples.reference_of(alone, 0) == alone
+    target, reference = pairs[0]
+    sample = samples.load(target, epoch=0)
+    expected = samples.shard_records(reference.shard)[reference.key]["face_embedding"]
+    assert torch.equal(sample["id_embedding"], torch.tensor(expected)) and sample["prompt"] == ""
+
+
 def test_identity_embeddings_of_another_space_are_refused(captioned_corpus):
     config, _ = captioned_corpus
     samples = TrainingSamples(

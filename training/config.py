@@ -26,6 +26,12 @@ class DataConfig(Section):
         description="scale the filter's buckets down to this longer side (null: train at the bucket size)",
     )
     control_dropout: float = Field(0.1, ge=0, lt=1, description="share of samples with a black control")
+    reference: Literal["target", "same_identity"] = Field(
+        "target",
+        description="the face giving the identity embedding: the target's own (stage 1), or another photo "
+        "of the target's identity cluster (Infinite-ID's identity-enhanced training)",
+    )
+    empty_prompts: bool = Field(False, description="train without text (identity-enhanced training)")
     mixture: MixtureConfig = MixtureConfig()
     shuffle_seed: int = Field(0, description="with the epoch, orders shards and samples")
 

@@ -12,7 +12,10 @@ metadata only. Samples left in a bucket's buffer at the end of an epoch are coun
 **Sample.** Stage 1 (SPSS): the reference face is the target's own (its identity embedding, from the
 filter's record); the control image draws the target's five keypoints, mapped through the same
 resize-and-crop as the image, or is black with probability ``control_dropout``; the caption is drawn by the
-:class:`~infu.captions.CaptionMixture` (its ``empty_rate`` is the caption dropout).
+:class:`~infu.captions.CaptionMixture` (its ``empty_rate`` is the caption dropout). Identity-enhanced
+training (Infinite-ID): ``reference: same_identity`` takes the identity embedding from another photo of
+the target's identity cluster (drawn per epoch; a sample alone in its cluster keeps its own), and
+``empty_prompts`` trains without text.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from infu.shards import InputImages, committed_shards, read_parquet_records
 from infu.steps import StepError
 from training.config import DataConfig
 
-PLAN_COLUMNS = ["key", "status", "bucket_width", "bucket_height", "face_embedding_space"]
+PLAN_COLUMNS = ["key", "status", "bucket_width", "bucket_height", "face_embedding_space", "identity_cluster"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class SampleRef:
     shard: str
     key: str
     size: tuple[int, int]
+    identity: str | None = None
+    """The filter's identity cluster."""
 
 
 @dataclass
@@ -141,7 +146,7 @@ class TrainingSamples:
                     "(face.recognizer of the filter run vs model.projection.embedding_space)"
                 )
             size = scaled_bucket(row["bucket_width"], row["bucket_height"], self.data.max_side)
-            refs.append(SampleRef(shard, row["key"], size))
+            refs.append(SampleRef(shard, row["key"], size, row["identity_cluster"]))
         return tuple(refs)
 
     def epoch(self, epoch: int, plan: EpochPlan | None = None) -> Iterator[list[SampleRef]]:
@@ -187,12 +192,36 @@ class TrainingSamples:
         for _ in self.epoch(0, plan):
             pass
         sizes = Counter(ref.size for shard in self.shards for ref in self.shard_refs(shard))
-        return {
+        summary = {
             "trainable_samples": sum(sizes.values()),
             "buckets": {f"{width}x{height}": count for (width, height), count in sorted(sizes.items())},
             "global_micro_batches_per_epoch": plan.batches,
             "left_over_per_epoch": sum(plan.left_over.values()),
         }
+        if self.data.reference == "same_identity":
+            members = self.identity_members().values()
+            # their own face is their reference
+            summary["samples_alone_in_their_identity"] = sum(1 for refs in members if len(refs) == 1)
+        return summary
+
+    @functools.cache  # noqa: B019
+    def identity_members(self) -> dict[str | None, tuple[SampleRef, ...]]:
+        """Identity cluster -> its trainable samples (a sample without a cluster is alone in its own)."""
+        members: dict[str | None, list[SampleRef]] = defaultdict(list)
+        for shard in self.shards:
+            for ref in self.shard_refs(shard):
+                members[ref.identity if ref.identity is not None else ref.key].append(ref)
+        return {identity: tuple(refs) for identity, refs in members.items()}
+
+    def reference_of(self, ref: SampleRef, epoch: int) -> SampleRef:
+        """The sample whose face gives ``ref``'s identity: itself, or (identity-enhanced) another photo of
+        its identity cluster, drawn per epoch."""
+        if self.data.reference == "target":
+            return ref
+        others = [other for other in self.identity_members()[ref.identity or ref.key] if other.key != ref.key]
+        if not others:
+            return ref
+        return others[int(stable_uniform(self.data.shuffle_seed, ref.key, epoch, "reference") * len(others))]
 
     def validation_identities(self, count: int) -> torch.Tensor:
         """``[count, D]`` unit identity embeddings of the first ``count`` trainable samples by key."""
@@ -232,12 +261,14 @@ class TrainingSamples:
             offset = np.array([round(left), round(top)])
             control = draw_keypoints_control(ref.size, kps * decoded_scale * scale - offset)
         _, caption = self.mixture.pick(ref.key, epoch, self.shard_captions(ref.shard).get(ref.key, {}))
+        reference = self.reference_of(ref, epoch)
+        embedding = self.shard_records(reference.shard)[reference.key]["face_embedding"]
         return {
             "key": ref.key,
             "pixels": to_pixels(target),
             "control": to_pixels(control),
-            "prompt": caption,
-            "id_embedding": torch.tensor(record["face_embedding"], dtype=torch.float32),
+            "prompt": "" if self.data.empty_prompts else caption,
+            "id_embedding": torch.tensor(embedding, dtype=torch.float32),
         }
 
     def batch(self, refs: list[SampleRef], epoch: int) -> dict[str, Any]:
