@@ -111,14 +111,19 @@ class StepOutput:
         """Extra stats every shard of this output carries: the identity it was made with."""
         return {"identity": self.identity}
 
-    def complete(self, failed_shards: dict[str, str] | None = None, **fields: Any) -> dict[str, Any]:
+    def complete(
+        self,
+        failed_shards: dict[str, str] | None = None,
+        counts: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
         """Write the final manifest: ``complete``, or ``failed`` naming the shards that failed (a rerun
-        redoes them), with counts of the committed shards, timings and ``fields``."""
+        redoes them), with ``counts`` (default: of the committed shards), timings and ``fields``."""
         return write_manifest(
             self.out_dir,
             status="failed" if failed_shards else "complete",
             failed_shards=dict(sorted((failed_shards or {}).items())),
-            counts=summarize(read_stats(self.out_dir)),
+            counts=counts if counts is not None else summarize(read_stats(self.out_dir)),
             timings={"started": self.started, "seconds": round(time.time() - self.started, 3)},
             **fields,
             **self.common,

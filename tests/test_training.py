@@ -182,6 +182,7 @@ def test_two_fsdp_workers_learn_over_200_steps(trained):
     assert last < 0.85 * first, (first, last)
     assert manifest["status"] == "complete" and manifest["steps"] == LEARNING_STEPS
     assert manifest["resumed_from_step"] is None
+    assert manifest["counts"] == {"steps": LEARNING_STEPS, "samples_seen": LEARNING_STEPS * 4}
     assert manifest["data"]["trainable_samples"] == 10
     kept = sorted(path.name for path in (config.step_dir("stage1") / CHECKPOINTS_DIR).glob("step_*"))
     assert kept == ["step_000000150", "step_000000200"], "checkpoint.keep: 2"

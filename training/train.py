@@ -331,5 +331,5 @@ def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
         steps=settings.steps,
         resumed_from_step=resumed_from,
         final_loss=metrics[-1]["loss"] if metrics else None,
-        samples_seen=settings.steps * settings.global_batch,
+        counts={"steps": settings.steps, "samples_seen": settings.steps * settings.global_batch},
     )
