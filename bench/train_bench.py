@@ -93,15 +93,15 @@ def main() -> None:
             config.step_dir("caption"),
             settings.data,
             config.model.projection.embedding_space,
-            workers=1,
+            settings.global_batch,
         )
 
         def step(batches: Iterator[dict[str, Any]], index: int) -> None:
             optimizer_step(objective, optimizer, scheduler, params, batches, settings, index, 0, 1)
 
-        in_memory = timed_steps(step, itertools.repeat(next(worker_batches(samples, 0, 0))), args.steps)
-        real = timed_steps(step, worker_batches(samples, 0, 0), args.steps)
-        batch = next(worker_batches(samples, 0, 0))
+        in_memory = timed_steps(step, itertools.repeat(next(worker_batches(samples, 0, 1, 0))), args.steps)
+        real = timed_steps(step, worker_batches(samples, 0, 1, 0), args.steps)
+        batch = next(worker_batches(samples, 0, 1, 0))
         with FlopCounterMode(display=False) as counter:
             step(itertools.repeat(batch), 0)
         flops = counter.get_total_flops() / args.micro_batch

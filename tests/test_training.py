@@ -65,15 +65,15 @@ def samples(captioned_corpus) -> TrainingSamples:
         config.step_dir("caption"),
         DataConfig(micro_batch=2, max_side=64, control_dropout=0.0),
         config.model.projection.embedding_space,
-        workers=2,
+        global_batch=4,
     )
 
 
 def test_the_plan_batches_same_size_samples_once_per_epoch_and_resumes_at_any_position(samples):
     summary = samples.summary()
     assert summary["trainable_samples"] == 10 and summary["buckets"] == {"48x64": 10}
-    assert summary["global_micro_batches_per_epoch"] == 2 and summary["left_over_per_epoch"] == 2
-    stream = samples.global_micro_batches()
+    assert summary["global_batches_per_epoch"] == 2 and summary["left_over_per_epoch"] == 2
+    stream = samples.global_batches()
     first = [next(stream) for _ in range(8)]
     for epoch in range(4):
         batches = [batch for batch_epoch, batch in first if batch_epoch == epoch]
@@ -81,14 +81,16 @@ def test_the_plan_batches_same_size_samples_once_per_epoch_and_resumes_at_any_po
         assert len(batches) == 2 and len(keys) == len(set(keys)) == 8
         assert {ref.size for batch in batches for ref in batch} == {(48, 64)}
     assert [batch for _, batch in first[:2]] != [batch for _, batch in first[2:4]], "epochs reshuffle"
-    resumed = samples.global_micro_batches(start=5)
+    resumed = samples.global_batches(start=5)
     assert [next(resumed) for _ in range(3)] == first[5:8]
 
 
 def test_a_worker_batch_holds_the_target_its_keypoint_control_caption_and_identity(samples):
-    batch = next(worker_batches(samples, rank=1, start=0))
-    _, planned = next(samples.global_micro_batches())
+    batch = next(worker_batches(samples, rank=1, world=2, start=0))
+    _, planned = next(samples.global_batches())
     assert batch["keys"] == [ref.key for ref in planned[2:4]] and batch["position"] == 0
+    alone = worker_batches(samples, rank=0, world=1, start=0)
+    assert [next(alone)["keys"] for _ in range(2)] == [[ref.key for ref in planned[:2]], batch["keys"]]
     assert batch["pixels"].shape == batch["control"].shape == (2, 3, 64, 48)
     assert -1 <= batch["pixels"].min() and batch["pixels"].max() <= 1
     assert batch["control"].amax(dim=(1, 2, 3)).gt(-1).all(), "keypoints drawn (no control dropout)"
@@ -100,7 +102,7 @@ def test_a_worker_batch_holds_the_target_its_keypoint_control_caption_and_identi
 def test_identity_enhanced_training_takes_the_reference_from_another_photo_of_the_identity(captioned_corpus):
     config, _ = captioned_corpus
     data = DataConfig(micro_batch=2, max_side=64, reference="same_identity", empty_prompts=True)
-    samples = TrainingSamples(config.step_dir("filter"), config.step_dir("caption"), data, "dlib", workers=2)
+    samples = TrainingSamples(config.step_dir("filter"), config.step_dir("caption"), data, "dlib", 4)
     members = samples.identity_members()
     pairs = [refs for refs in members.values() if len(refs) == 2]
     assert len(pairs) == 3 and samples.summary()["samples_alone_in_their_identity"] == 4
@@ -117,7 +119,7 @@ def test_identity_enhanced_training_takes_the_reference_from_another_photo_of_th
 def test_identity_embeddings_of_another_space_are_refused(captioned_corpus):
     config, _ = captioned_corpus
     samples = TrainingSamples(
-        config.step_dir("filter"), config.step_dir("caption"), DataConfig(), "arcface_ir_se50", workers=1
+        config.step_dir("filter"), config.step_dir("caption"), DataConfig(), "arcface_ir_se50", global_batch=4
     )
     with pytest.raises(
         StepError, match="has a dlib face embedding, but the projection takes arcface_ir_se50"
@@ -131,7 +133,7 @@ def test_only_infusenet_and_projection_get_gradients_from_the_velocity_loss(samp
     infu = InfU(pipeline.image_proj, pipeline.infusenet)
     pipeline.transformer.requires_grad_(False)
     objective = FlowMatchingObjective(pipeline, infu, config.step("stage1"), max_sequence_length=32)
-    batch = next(worker_batches(samples, rank=0, start=0))
+    batch = next(worker_batches(samples, rank=0, world=1, start=0))
     loss = objective.loss(batch, torch.Generator().manual_seed(0))
     assert loss.item() == objective.loss(batch, torch.Generator().manual_seed(0)).item()
     assert math.isfinite(loss.item()) and loss.item() > 0
@@ -214,6 +216,22 @@ def test_the_export_is_the_trained_model_in_the_released_layout_and_generates(tr
     generating = load_config(EMBEDDED, [f"model.infu_model={export}"])
     written = generate(generating, [photo], "a portrait", tmp_path / "out.png", seed=0)
     assert Image.open(written).size == (96, 128)
+
+
+def test_one_worker_accumulating_trains_as_two_fsdp_workers_do(trained, tmp_path):
+    config, _ = trained
+    copy_inputs(config.run.run_dir, tmp_path)
+    single = load_config(
+        EMBEDDED,
+        [*corpus_overrides(tmp_path), "stage1.steps=5", "stage1.resources.workers=1"],
+    )
+    assert single.stage1.accumulation_steps() == 2 and config.stage1.accumulation_steps() == 1
+    with ray_unless_running():
+        run_training(single, "stage1")
+    two_workers, one_worker = losses(config.run.run_dir), losses(tmp_path)
+    assert sorted(one_worker) == [1, 2, 3, 4, 5]
+    for step, loss in one_worker.items():
+        assert loss == pytest.approx(two_workers[step], rel=1e-5), step
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_losses(trained, tmp_path):

@@ -3,9 +3,11 @@ metadata alone, then read, decoded and cropped on the worker that trains on them
 
 **Plan.** Every worker computes the same plan from the Parquet columns of the filter's shards (no image is
 read): per epoch the shards are shuffled (seeded by ``shuffle_seed`` and the epoch), then each shard's
-samples; a sample joins the buffer of its bucket, and a full buffer (``micro_batch x workers`` samples) is
-one *global micro batch*, of which worker ``r`` takes the ``r``-th slice. The plan's position is the number
-of global micro batches consumed, so a resumed run skips exactly what the killed one trained on, reading
+samples; a sample joins the buffer of its bucket, and a full buffer (``global_batch`` samples) is one
+optimiser step's *global batch*. It is cut into slices of ``micro_batch`` samples: worker ``r`` takes slice
+``m x workers + r`` as its micro batch ``m``, so the plan and the slices do not depend on the worker
+count. The plan's position is the number of global batches consumed (the step), so a resumed run skips
+exactly what the killed one trained on, reading
 metadata only. Samples left in a bucket's buffer at the end of an epoch are counted
 (:attr:`EpochPlan.left_over`): they meet other samples in the next epoch's order.
 
@@ -60,7 +62,7 @@ class SampleRef:
 
 @dataclass
 class EpochPlan:
-    """What an epoch's plan held: its global micro batches and the samples no batch took."""
+    """What an epoch's plan held: its global batches and the samples no batch took."""
 
     batches: int = 0
     left_over: Counter[tuple[int, int]] = field(default_factory=Counter)
@@ -107,13 +109,13 @@ class TrainingSamples:
     """The filter's kept samples with a face embedding, their captions, and the deterministic batch plan."""
 
     def __init__(
-        self, filter_dir: Path, captions_dir: Path, data: DataConfig, embedding_space: str, workers: int
+        self, filter_dir: Path, captions_dir: Path, data: DataConfig, embedding_space: str, global_batch: int
     ):
         self.filter_dir = Path(filter_dir)
         self.captions_dir = Path(captions_dir)
         self.data = data
         self.embedding_space = embedding_space
-        self.workers = workers
+        self.global_batch = global_batch
         self.mixture = CaptionMixture(data.mixture)
         self.shards = committed_shards(self.filter_dir)
         if not self.shards:
@@ -126,10 +128,6 @@ class TrainingSamples:
                 f"{missing[0]}): run the caption step first"
             )
         self.images = InputImages()
-
-    @property
-    def global_micro_batch(self) -> int:
-        return self.data.micro_batch * self.workers
 
     @functools.cache  # noqa: B019 - one plan index per shard, kept for the run
     def shard_refs(self, shard: str) -> tuple[SampleRef, ...]:
@@ -150,7 +148,7 @@ class TrainingSamples:
         return tuple(refs)
 
     def epoch(self, epoch: int, plan: EpochPlan | None = None) -> Iterator[list[SampleRef]]:
-        """The global micro batches of ``epoch`` (same-size samples each), in plan order."""
+        """The global batches of ``epoch`` (same-size samples each), in plan order."""
         order = random.Random(f"{self.data.shuffle_seed}:{epoch}")
         shards = list(self.shards)
         order.shuffle(shards)
@@ -161,7 +159,7 @@ class TrainingSamples:
             for ref in refs:
                 buffer = buffers[ref.size]
                 buffer.append(ref)
-                if len(buffer) == self.global_micro_batch:
+                if len(buffer) == self.global_batch:
                     if plan is not None:
                         plan.batches += 1
                     yield list(buffer)
@@ -169,7 +167,7 @@ class TrainingSamples:
         if plan is not None:
             plan.left_over.update({size: len(buffer) for size, buffer in buffers.items() if buffer})
 
-    def global_micro_batches(self, start: int = 0) -> Iterator[tuple[int, list[SampleRef]]]:
+    def global_batches(self, start: int = 0) -> Iterator[tuple[int, list[SampleRef]]]:
         """``(epoch, batch)`` forever, epoch after epoch, from position ``start`` (batches already
         consumed); a dataset with no bucket able to fill one batch is a :class:`StepError`."""
         position, epoch = 0, 0
@@ -181,8 +179,8 @@ class TrainingSamples:
                 position += 1
             if plan.batches == 0:
                 raise StepError(
-                    f"no aspect-ratio bucket holds {self.global_micro_batch} trainable samples "
-                    f"(data.micro_batch x workers); samples per bucket: {dict(plan.left_over)}"
+                    f"no aspect-ratio bucket holds {self.global_batch} trainable samples "
+                    f"(global_batch); samples per bucket: {dict(plan.left_over)}"
                 )
             epoch += 1
 
@@ -195,7 +193,7 @@ class TrainingSamples:
         summary = {
             "trainable_samples": sum(sizes.values()),
             "buckets": {f"{width}x{height}": count for (width, height), count in sorted(sizes.items())},
-            "global_micro_batches_per_epoch": plan.batches,
+            "global_batches_per_epoch": plan.batches,
             "left_over_per_epoch": sum(plan.left_over.values()),
         }
         if self.data.reference == "same_identity":
@@ -285,26 +283,29 @@ class TrainingSamples:
 
 
 def worker_batches(
-    samples: TrainingSamples, rank: int, start: int, prefetch: int = 2
+    samples: TrainingSamples, rank: int, world: int, start: int, prefetch: int = 2
 ) -> Iterator[dict[str, Any]]:
-    """Worker ``rank``'s micro batches from plan position ``start``, read ahead in a background thread
-    (``epoch`` and ``position`` included in each)."""
+    """Worker ``rank`` of ``world``'s micro batches from plan position ``start`` (a step), read ahead in a
+    background thread: slices ``m x world + rank`` of each global batch (``epoch`` and ``position``
+    included in each)."""
     micro = samples.data.micro_batch
+    slices = range(rank, samples.global_batch // micro, world)
     ready: queue.Queue[dict[str, Any] | BaseException] = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for position, (epoch, refs) in enumerate(samples.global_micro_batches(start), start=start):
-                batch = samples.batch(refs[rank * micro : (rank + 1) * micro], epoch)
-                while not stop.is_set():
-                    try:
-                        ready.put({**batch, "epoch": epoch, "position": position}, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
+            for position, (epoch, refs) in enumerate(samples.global_batches(start), start=start):
+                for index in slices:
+                    batch = samples.batch(refs[index * micro : (index + 1) * micro], epoch)
+                    while not stop.is_set():
+                        try:
+                            ready.put({**batch, "epoch": epoch, "position": position}, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
             ready.put(error)
 

@@ -4,8 +4,9 @@ Each worker builds the pipeline (frozen FLUX parts, InfuseNet, projection), shar
 (:mod:`training.parallelize`), resumes from Ray Train's latest checkpoint when there is one, then per
 optimiser step accumulates ``global_batch / (micro_batch x workers)`` micro batches of the flow-matching
 loss (:mod:`training.objective`), clips, steps AdamW and the LR schedule. Every draw (noise, timesteps,
-VAE sampling) comes from a generator seeded by (seed, step, worker, micro batch), and the data plan restarts
-at its saved position, so a resumed run repeats the uninterrupted run's losses exactly (on CPU).
+VAE sampling) comes from a generator seeded by (seed, step, slice of the step's samples), and the data
+plan restarts at its saved position, so a resumed run repeats the uninterrupted run's losses exactly (on
+CPU), and the worker count does not change what is trained.
 Rank 0 logs to the console and TensorBoard and appends one JSON line per step to ``metrics.jsonl``.
 """
 
@@ -127,14 +128,18 @@ def optimizer_step(
     accumulation: int,
 ) -> StepResult:
     """One optimiser step: ``accumulation`` micro batches of the loss, their gradients clipped, AdamW and
-    the schedule stepped. Every draw comes from a generator seeded by (seed, step, rank, micro batch)."""
+    the schedule stepped. Every draw comes from a generator seeded by (seed, step, slice): the slice
+    ``micro x workers + rank`` is the same samples for any worker count (one bucket), so 1 worker
+    accumulating 2 micro batches trains as 2 workers do."""
     device = next(iter(params)).device
+    world = dist.get_world_size() if dist.is_initialized() else 1
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     tokens = 0
     for micro in range(accumulation):
         batch = next(batches)
-        generator = torch.Generator(device).manual_seed(draw_seed(settings.seed, step, rank, micro))
+        sample_slice = micro * world + rank
+        generator = torch.Generator(device).manual_seed(draw_seed(settings.seed, step, sample_slice))
         loss = objective.loss(batch, generator) / accumulation
         loss.backward()
         loss_sum += loss.detach()
@@ -196,11 +201,11 @@ def train_loop(payload: dict[str, Any]) -> None:
         Path(payload["captions_dir"]),
         settings.data,
         config.model.projection.embedding_space,
-        world,
+        settings.global_batch,
     )
     objective = FlowMatchingObjective(pipeline, infu, settings, config.model.inference.max_sequence_length)
     accumulation = settings.accumulation_steps(world)
-    batches = worker_batches(samples, rank, start=progress["position"])
+    batches = worker_batches(samples, rank, world, start=progress["position"])
     validation = settings.validation
     identities = samples.validation_identities(validation.identities) if validation.every else None
     writer = None
@@ -214,7 +219,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             objective, optimizer, scheduler, params, batches, settings, step, rank, accumulation
         )
         step += 1
-        position += accumulation
+        position += 1
         window_samples += settings.global_batch
         window_tokens += done.tokens * world
         seconds = time.perf_counter() - started
@@ -287,12 +292,12 @@ def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
         inputs["caption"],
         settings.data,
         config.model.projection.embedding_space,
-        resources.workers,
+        settings.global_batch,
     )
     data_summary = samples.summary()
-    if data_summary["global_micro_batches_per_epoch"] == 0:
+    if data_summary["global_batches_per_epoch"] == 0:
         raise StepError(
-            f"no aspect-ratio bucket holds {samples.global_micro_batch} trainable samples: {data_summary}"
+            f"no aspect-ratio bucket holds {settings.global_batch} trainable samples: {data_summary}"
         )
     resumed_from = last_checkpoint_step(output.out_dir / CHECKPOINTS_DIR)
     ensure_ray()
