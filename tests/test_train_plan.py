@@ -176,7 +176,7 @@ def test_days_scale_inversely_with_gpus_and_mfu(paper):
 @pytest.mark.parametrize("global_batch", [500, 256, 0])
 def test_batch_that_is_not_whole_accumulation_steps_raises(global_batch):
     settings = {**PAPER_STAGE1, "global_batch": global_batch}
-    with pytest.raises(ValueError, match=r"multiple of micro_batch x gpus = 4 x 128 = 512"):
+    with pytest.raises(ValueError, match=r"is not a multiple of micro_batch 4 x gpus 128 = 512"):
         plan_training(PlanConfig(), projection=ProjectionConfig(), **settings)
 
 

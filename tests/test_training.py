@@ -116,6 +116,18 @@ def test_identity_enhanced_training_takes_the_reference_from_another_photo_of_th
     assert torch.equal(sample["id_embedding"], torch.tensor(expected)) and sample["prompt"] == ""
 
 
+def test_a_dataset_no_bucket_can_batch_is_refused_before_training(captioned_corpus):
+    config, _ = captioned_corpus
+    samples = TrainingSamples(
+        config.step_dir("filter"), config.step_dir("caption"), DataConfig(max_side=64), "dlib", 11
+    )
+    message = r"no aspect-ratio bucket holds 11 trainable samples \(global_batch\); .*\(48, 64\): 10"
+    with pytest.raises(StepError, match=message):
+        samples.summary()
+    with pytest.raises(StepError, match=message):
+        next(samples.global_batches())
+
+
 def test_identity_embeddings_of_another_space_are_refused(captioned_corpus):
     config, _ = captioned_corpus
     samples = TrainingSamples(

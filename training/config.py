@@ -11,7 +11,7 @@ from infu.captions import MixtureConfig
 from infu.config import Section
 from infu.model.config import LATENT_PIXEL_MULTIPLE
 from infu.paths import ResolvedPath
-from training.plan import PlanConfig
+from training.plan import PlanConfig, accumulation_steps
 
 
 class DataConfig(Section):
@@ -115,11 +115,10 @@ class TrainConfig(Section):
 
     def accumulation_steps(self, workers: int | None = None) -> int:
         """Micro batches per worker per optimiser step: ``global_batch / (micro_batch * workers)``."""
-        workers = workers or self.resources.workers
-        per_pass = self.data.micro_batch * workers
-        if self.global_batch % per_pass:
-            raise ValueError(
-                f"global_batch {self.global_batch} is not a multiple of data.micro_batch "
-                f"{self.data.micro_batch} x resources.workers {workers} = {per_pass}"
-            )
-        return self.global_batch // per_pass
+        return accumulation_steps(
+            self.global_batch,
+            self.data.micro_batch,
+            workers or self.resources.workers,
+            micro_batch_name="data.micro_batch",
+            workers_name="resources.workers",
+        )

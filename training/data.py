@@ -177,18 +177,24 @@ class TrainingSamples:
                 if position >= start:
                     yield epoch, batch
                 position += 1
-            if plan.batches == 0:
-                raise StepError(
-                    f"no aspect-ratio bucket holds {self.global_batch} trainable samples "
-                    f"(global_batch); samples per bucket: {dict(plan.left_over)}"
-                )
+            self.require_batches(plan)
             epoch += 1
 
+    def require_batches(self, plan: EpochPlan) -> None:
+        """A :class:`StepError` when an epoch's plan holds no batch: no bucket fills ``global_batch``."""
+        if plan.batches == 0:
+            raise StepError(
+                f"no aspect-ratio bucket holds {self.global_batch} trainable samples "
+                f"(global_batch); samples per bucket: {dict(plan.left_over)}"
+            )
+
     def summary(self) -> dict[str, Any]:
-        """Samples per bucket and those an epoch cannot batch (for the manifest)."""
+        """Samples per bucket and those an epoch cannot batch (for the manifest); a :class:`StepError`
+        when no batch can be made."""
         plan = EpochPlan()
         for _ in self.epoch(0, plan):
             pass
+        self.require_batches(plan)
         sizes = Counter(ref.size for shard in self.shards for ref in self.shard_refs(shard))
         summary = {
             "trainable_samples": sum(sizes.values()),

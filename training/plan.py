@@ -118,6 +118,25 @@ class TrainingPlan:
     days: float
 
 
+def accumulation_steps(
+    global_batch: int,
+    micro_batch: int,
+    workers: int,
+    micro_batch_name: str = "micro_batch",
+    workers_name: str = "workers",
+) -> int:
+    """Micro batches per worker per optimiser step, ``global_batch / (micro_batch x workers)``; otherwise a
+    ``ValueError`` naming the settings as the caller calls them."""
+    per_pass = micro_batch * workers
+    if per_pass < 1 or global_batch < per_pass or global_batch % per_pass:
+        raise ValueError(
+            f"global_batch {global_batch} is not a multiple of {micro_batch_name} {micro_batch} x "
+            f"{workers_name} {workers} = {per_pass} (a whole number, at least 1, of gradient accumulation "
+            "steps)"
+        )
+    return global_batch // per_pass
+
+
 def flux_config(plan: PlanConfig) -> dict[str, Any]:
     """The base transformer's config: FLUX.1-dev with the plan's overrides."""
     return {**FLUX_DEV, **(plan.base or {})}
@@ -217,12 +236,7 @@ def plan_training(
     """
     from infu.model.infusenet import infusenet_block_counts
 
-    per_pass = micro_batch * plan.gpus
-    if micro_batch < 1 or global_batch < per_pass or global_batch % per_pass:
-        raise ValueError(
-            f"global_batch {global_batch} must be a positive multiple of micro_batch x gpus = "
-            f"{micro_batch} x {plan.gpus} = {per_pass} (a whole number of gradient accumulation steps)"
-        )
+    accumulation = accumulation_steps(global_batch, micro_batch, plan.gpus, workers_name="gpus")
     base = flux_config(plan)
     params = count_parameters(base, factor, projection)
     trainable = params.infusenet + params.projection
@@ -271,7 +285,7 @@ def plan_training(
         micro_batch=micro_batch,
         steps=steps,
         activation_checkpointing=activation_checkpointing,
-        accumulation_steps=global_batch // per_pass,
+        accumulation_steps=accumulation,
         image_tokens=image_tokens,
         base_tokens=base_tokens,
         infusenet_tokens=infusenet_tokens,

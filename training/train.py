@@ -30,7 +30,6 @@ from infu.captions import stable_uniform
 from infu.config import InfuConfig
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output
-from infu.steps import StepError
 from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
 from training.config import TrainConfig, ValidationConfig
 from training.data import TrainingSamples, worker_batches
@@ -294,11 +293,7 @@ def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
         config.model.projection.embedding_space,
         settings.global_batch,
     )
-    data_summary = samples.summary()
-    if data_summary["global_batches_per_epoch"] == 0:
-        raise StepError(
-            f"no aspect-ratio bucket holds {settings.global_batch} trainable samples: {data_summary}"
-        )
+    data_summary = samples.summary()  # before the workers start: a dataset that cannot batch fails here
     resumed_from = last_checkpoint_step(output.out_dir / CHECKPOINTS_DIR)
     ensure_ray()
     os.environ.setdefault(PRINT_PATCH, "0")  # the patch printed each log line twice
