@@ -64,10 +64,10 @@ FACE_TYPE = pa.struct(
 )
 """A detected face: x1,y1,x2,y2; detection score; 5 ArcFace keypoints flattened x0,y0..x4,y4; pose."""
 # Columns from the dataset: its identity id (dataset-scoped: class folder, celebrity, clip...) and its
-# attributes by name. Columns later steps fill: faces and the largest face's identity embedding, the
-# recognizer space it is in ("dlib", "arcface_ir_se50", "glintr100"), its identity cluster within the
-# dataset (found by the filter), a 64-bit perceptual hash (stored as signed int64), scores by name,
-# captions by source.
+# attributes by name. Columns later steps fill: faces (largest first) and the largest face's identity
+# embedding, the recognizer space it is in ("dlib", "arcface_ir_se50", "glintr100"), its identity cluster
+# within the dataset (found by the filter), a 64-bit perceptual hash (stored as signed int64), scores by
+# name, captions by source.
 
 SAMPLE_SCHEMA = pa.schema(
     [

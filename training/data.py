@@ -89,16 +89,6 @@ def cover_crop(size: tuple[int, int], target: tuple[int, int]) -> tuple[float, f
     return scale, (width * scale - target_width) / 2, (height * scale - target_height) / 2
 
 
-def largest_face_keypoints(faces: list[dict[str, Any]]) -> np.ndarray | None:
-    """The five keypoints ``[5, 2]`` of the largest face of a record."""
-    if not faces:
-        return None
-    face = max(
-        faces, key=lambda face: (face["bbox"][2] - face["bbox"][0]) * (face["bbox"][3] - face["bbox"][1])
-    )
-    return np.asarray(face["keypoints"], dtype=np.float32).reshape(5, 2)
-
-
 def to_pixels(image: Image.Image) -> torch.Tensor:
     """RGB image -> ``[3, H, W]`` float in [-1, 1] (the VAE's input range)."""
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
@@ -258,10 +248,11 @@ class TrainingSamples:
         crop = (round(left), round(top), round(left) + width, round(top) + height)
         target = image.resize(resized, Image.Resampling.BICUBIC).crop(crop)
         seed = self.data.shuffle_seed
-        kps = largest_face_keypoints(record["faces"])
-        if kps is None or stable_uniform(seed, ref.key, epoch, "control") < self.data.control_dropout:
+        faces = record["faces"]  # largest first: the face of the identity embedding
+        if not faces or stable_uniform(seed, ref.key, epoch, "control") < self.data.control_dropout:
             control = black_control(ref.size)
         else:
+            kps = np.asarray(faces[0]["keypoints"], dtype=np.float32).reshape(5, 2)
             offset = np.array([round(left), round(top)])
             control = draw_keypoints_control(ref.size, kps * decoded_scale * scale - offset)
         _, caption = self.mixture.pick(ref.key, epoch, self.shard_captions(ref.shard).get(ref.key, {}))

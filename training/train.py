@@ -30,6 +30,8 @@ from infu.captions import stable_uniform
 from infu.config import InfuConfig
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output
+from infu.model.config import LATENT_PIXEL_MULTIPLE
+from infu.quality.torch_utils import TORCH_DTYPES
 from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
 from training.config import TrainConfig, ValidationConfig
 from training.data import TrainingSamples, worker_batches
@@ -39,7 +41,6 @@ VALIDATION_DIR = "validation"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def draw_seed(*parts: object) -> int:
@@ -54,7 +55,7 @@ def build_models(config: InfuConfig, settings: TrainConfig, device: torch.device
     from infu.model.infu import InfU
 
     model = config.model.model_copy(update={"infu_model": settings.init, "loras": [], "quantize": None})
-    pipeline = build_pipeline(model, device=device, dtype=DTYPES[settings.param_dtype])
+    pipeline = build_pipeline(model, device=device, dtype=TORCH_DTYPES[settings.param_dtype])
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, InfU(pipeline.image_proj, pipeline.infusenet)
 
@@ -143,7 +144,7 @@ def optimizer_step(
         loss.backward()
         loss_sum += loss.detach()
         height, width = batch["pixels"].shape[-2:]
-        tokens += len(batch["keys"]) * (height // 16) * (width // 16)
+        tokens += len(batch["keys"]) * (height // LATENT_PIXEL_MULTIPLE) * (width // LATENT_PIXEL_MULTIPLE)
     grads = [param.grad for param in params if param.grad is not None]
     clip = settings.optimizer.grad_clip
     if clip is not None:
@@ -184,7 +185,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         infu,
         fsdp=settings.fsdp and dist.is_initialized(),
         activation_checkpointing=settings.activation_checkpointing,
-        param_dtype=DTYPES[settings.param_dtype],
+        param_dtype=TORCH_DTYPES[settings.param_dtype],
         device=device,
     )
     params, optimizer, scheduler = make_optimizer(infu, settings)

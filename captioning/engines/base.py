@@ -24,12 +24,11 @@ import torch
 from PIL import Image
 
 from captioning.config import NeuralCaptioner
-from infu.quality.torch_utils import seeded
+from infu.quality.torch_utils import TORCH_DTYPES, seeded
 
 if TYPE_CHECKING:
     from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CACHE_ENV = "INFU_CACHE"
 TINY_REVISION = 1
 """Part of every tiny folder's name: bump it when a tiny config or vocabulary changes."""

@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Config dtype names -> torch dtypes."""
+
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a torch-saved state dict (``weights_only``, mapped to CPU)."""
