@@ -9,9 +9,6 @@ has reported it (so it is committed whole or not at all), and keeps the newest `
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 from infu.model.infu import InfU
 from infu.model.infusenet import InfuseNet
 from infu.model.projection import IdentityProjection
+from infu.runner import run_reduce
 
 EXPORT_DIR = "export"
 
@@ -85,20 +83,19 @@ def load_training_state(
     return {key: int(value) for key, value in state["progress"].items()}
 
 
-def export_infu(infu: InfU, root: Path, version: str, rank: int) -> Path | None:
+def export_infu(infu: InfU, root: Path, version: str, rank: int, identity: str) -> None:
     """Gather the full weights (a collective call) and, on rank 0, write ``root`` in the released layout
-    (``InfU.save_pretrained``) through a temporary folder renamed into place. Returns ``root`` on rank 0."""
+    (``InfU.save_pretrained``) as a reduce output (:func:`infu.runner.run_reduce`): built in a temporary
+    folder renamed into place, a killed attempt's leftovers removed, kept when made for ``identity``."""
     full = get_model_state_dict(infu, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
-        return None
-    projection = IdentityProjection.from_config(infu.projection.config)
-    infusenet = InfuseNet.from_config(infu.infusenet.config)
-    plain = InfU(projection, infusenet)
-    plain.load_state_dict(full, strict=True)
-    root = Path(root)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-    plain.save_pretrained(tmp, version=version)
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
-    return root
+        return
+
+    def build(folder: Path) -> dict[str, str]:
+        projection = IdentityProjection.from_config(infu.projection.config)
+        plain = InfU(projection, InfuseNet.from_config(infu.infusenet.config))
+        plain.load_state_dict(full, strict=True)
+        plain.save_pretrained(folder, version=version)
+        return {"version": version}
+
+    run_reduce(Path(root), identity, build)

@@ -262,7 +262,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             started, window_samples, window_tokens = time.perf_counter(), 0, 0
     if writer is not None:
         writer.close()
-    export_infu(infu, out_dir / EXPORT_DIR, config.model.infu_version, rank)
+    export_infu(infu, out_dir / EXPORT_DIR, config.model.infu_version, rank, f"step {settings.steps}")
 
 
 def last_checkpoint_step(folder: Path) -> int | None:
