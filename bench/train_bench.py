@@ -1,13 +1,13 @@
 """Training throughput: optimiser steps fed by the real loader vs by one batch held in memory, and FLOPs
 per sample for MFU.
 
-Run: .venv/bin/python bench/train_bench.py [--steps 30] [--micro-batch 2] [--peak-tflops 989]
+Run: .venv/bin/python bench/train_bench.py [--steps 60] [--micro-batch 2] [--peak-tflops 989]
 On the embedded profile's tiny models (one process, no FSDP): the sample corpus is ingested, filtered and
 captioned, then the same optimiser step (:func:`training.train.optimizer_step`) runs on batches from
 :func:`training.data.worker_batches` (decode, crop, control drawing, caption mixture, read ahead in a
-thread) and on one batch repeated. Prints step time real/in-memory (goal <= 1.10), samples/s, the FLOPs
-of a step per sample measured by torch's FLOP counter, and MFU when ``--peak-tflops`` of the device is
-given; then the planner's FLOPs per sample for the paper's setup.
+thread) and on one batch repeated, in alternating rounds. Prints the median step time real/in-memory
+(goal <= 1.10), samples/s, the FLOPs of a step per sample measured by torch's FLOP counter, and MFU when
+``--peak-tflops`` of the device is given; then the planner's FLOPs per sample for the paper's setup.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,27 +33,26 @@ from infu.config import load_config
 from infu.model.config import ProjectionConfig
 from infu.raycluster import start_local_ray
 from training.data import TrainingSamples, worker_batches
-from training.objective import FlowMatchingObjective
-from training.parallelize import parallelize
 from training.plan import PAPER_STAGE1, PlanConfig, plan_training
-from training.train import build_models, make_optimizer, optimizer_step
+from training.train import build_trainer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 5
 
 
-def timed_steps(step: Any, batches: Iterator[dict[str, Any]], count: int, warmup: int = 3) -> float:
-    """Seconds per optimiser step over ``count`` steps after ``warmup`` ones."""
-    for index in range(warmup):
-        step(batches, index)
-    started = time.perf_counter()
+def step_seconds(step: Any, batches: Iterator[dict[str, Any]], count: int) -> list[float]:
+    """Seconds of each of ``count`` optimiser steps."""
+    seconds = []
     for index in range(count):
-        step(batches, warmup + index)
-    return (time.perf_counter() - started) / count
+        started = time.perf_counter()
+        step(batches, index)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per side, in 5 rounds")
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     args = parser.parse_args()
@@ -76,18 +76,7 @@ def main() -> None:
 
         settings = config.step("stage1")
         device = torch.device("cpu")
-        pipeline, infu = build_models(config, settings, device)
-        parallelize(
-            pipeline.transformer,
-            infu,
-            fsdp=False,
-            activation_checkpointing=False,
-            param_dtype=torch.float32,
-            device=device,
-        )
-        params, optimizer, scheduler = make_optimizer(infu, settings)
-        max_tokens = config.model.inference.max_sequence_length
-        objective = FlowMatchingObjective(pipeline, infu, settings, max_tokens)
+        trainer = build_trainer(config, settings, device)  # no process group: no FSDP
         samples = TrainingSamples(
             config.step_dir("filter"),
             config.step_dir("caption"),
@@ -97,11 +86,18 @@ def main() -> None:
         )
 
         def step(batches: Iterator[dict[str, Any]], index: int) -> None:
-            optimizer_step(objective, optimizer, scheduler, params, batches, settings, index, 0, 1)
+            optimizer_step(trainer, batches, settings, index, 0, 1)
 
-        in_memory = timed_steps(step, itertools.repeat(next(worker_batches(samples, 0, 1, 0))), args.steps)
-        real = timed_steps(step, worker_batches(samples, 0, 1, 0), args.steps)
         batch = next(worker_batches(samples, 0, 1, 0))
+        loader = worker_batches(samples, 0, 1, 0)
+        step_seconds(step, loader, 3)  # warm-up: allocator, read-ahead thread
+        # alternating rounds, medians: a busy VM's pauses hit both sides alike and drop out
+        real_times: list[float] = []
+        memory_times: list[float] = []
+        for _ in range(ROUNDS):
+            real_times += step_seconds(step, loader, args.steps // ROUNDS)
+            memory_times += step_seconds(step, itertools.repeat(batch), args.steps // ROUNDS)
+        real, in_memory = statistics.median(real_times), statistics.median(memory_times)
         with FlopCounterMode(display=False) as counter:
             step(itertools.repeat(batch), 0)
         flops = counter.get_total_flops() / args.micro_batch

@@ -48,16 +48,50 @@ def draw_seed(*parts: object) -> int:
     return int(stable_uniform(*parts) * 2**53)
 
 
-def build_models(config: InfuConfig, settings: TrainConfig, device: torch.device) -> tuple[Any, Any]:
-    """The pipeline (frozen base, VAE, text encoders) and the trainable InfU, starting from
-    ``settings.init`` (a released-layout checkpoint) or fresh from the base."""
+@dataclass(frozen=True)
+class Trainer:
+    """What one worker trains with: the pipeline (frozen base, VAE, text encoders), the trainable InfU,
+    AdamW over its parameters with its schedule, and the objective."""
+
+    pipeline: Any
+    infu: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    objective: Any
+
+
+def build_trainer(config: InfuConfig, settings: TrainConfig, device: torch.device) -> Trainer:
+    """Build the models from ``settings.init`` (a released-layout checkpoint) or fresh from the base,
+    shard them (FSDP2 when a process group is up and ``settings.fsdp``), and AdamW with linear warmup to a
+    constant learning rate."""
+    from diffusers.optimization import get_scheduler
+
     from infu.model.factory import build_pipeline
     from infu.model.infu import InfU
+    from training.objective import FlowMatchingObjective
+    from training.parallelize import parallelize
 
     model = config.model.model_copy(update={"infu_model": settings.init, "loras": [], "quantize": None})
     pipeline = build_pipeline(model, device=device, dtype=TORCH_DTYPES[settings.param_dtype])
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline, InfU(pipeline.image_proj, pipeline.infusenet)
+    infu = InfU(pipeline.image_proj, pipeline.infusenet)
+    parallelize(
+        pipeline.transformer,
+        infu,
+        fsdp=settings.fsdp and dist.is_initialized(),
+        activation_checkpointing=settings.activation_checkpointing,
+        param_dtype=TORCH_DTYPES[settings.param_dtype],
+        device=device,
+    )
+    params = [param for param in infu.parameters() if param.requires_grad]
+    optim = settings.optimizer
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
+    )
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=optim.warmup_steps)
+    objective = FlowMatchingObjective(pipeline, infu, settings, config.model.inference.max_sequence_length)
+    return Trainer(pipeline, infu, params, optimizer, scheduler, objective)
 
 
 def validate(
@@ -103,24 +137,8 @@ class StepResult:
     epoch: int
 
 
-def make_optimizer(infu: Any, settings: TrainConfig) -> tuple[list[torch.nn.Parameter], Any, Any]:
-    """The trainable parameters, AdamW over them, and linear warmup to a constant learning rate."""
-    from diffusers.optimization import get_scheduler
-
-    params = [param for param in infu.parameters() if param.requires_grad]
-    optim = settings.optimizer
-    optimizer = torch.optim.AdamW(
-        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
-    )
-    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=optim.warmup_steps)
-    return params, optimizer, scheduler
-
-
 def optimizer_step(
-    objective: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    params: list[torch.nn.Parameter],
+    trainer: Trainer,
     batches: Iterator[dict[str, Any]],
     settings: TrainConfig,
     step: int,
@@ -131,28 +149,28 @@ def optimizer_step(
     the schedule stepped. Every draw comes from a generator seeded by (seed, step, slice): the slice
     ``micro x workers + rank`` is the same samples for any worker count (one bucket), so 1 worker
     accumulating 2 micro batches trains as 2 workers do."""
-    device = next(iter(params)).device
+    device = trainer.params[0].device
     world = dist.get_world_size() if dist.is_initialized() else 1
-    optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     tokens = 0
     for micro in range(accumulation):
         batch = next(batches)
         sample_slice = micro * world + rank
         generator = torch.Generator(device).manual_seed(draw_seed(settings.seed, step, sample_slice))
-        loss = objective.loss(batch, generator) / accumulation
+        loss = trainer.objective.loss(batch, generator) / accumulation
         loss.backward()
         loss_sum += loss.detach()
         height, width = batch["pixels"].shape[-2:]
         tokens += len(batch["keys"]) * (height // LATENT_PIXEL_MULTIPLE) * (width // LATENT_PIXEL_MULTIPLE)
-    grads = [param.grad for param in params if param.grad is not None]
     clip = settings.optimizer.grad_clip
     if clip is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, clip)
     else:
+        grads = [param.grad for param in trainer.params if param.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
-    optimizer.step()
-    scheduler.step()
+    trainer.optimizer.step()
+    trainer.scheduler.step()
     if dist.is_initialized():
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -165,9 +183,6 @@ def train_loop(payload: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from training.objective import FlowMatchingObjective
-    from training.parallelize import parallelize
-
     # diffusers' FLUX blocks return views and add residuals out of place, which FSDP2 warns about in case
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     config: InfuConfig = payload["config"]
@@ -179,21 +194,14 @@ def train_loop(payload: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)
 
-    pipeline, infu = build_models(config, settings, device)
-    parallelize(
-        pipeline.transformer,
-        infu,
-        fsdp=settings.fsdp and dist.is_initialized(),
-        activation_checkpointing=settings.activation_checkpointing,
-        param_dtype=TORCH_DTYPES[settings.param_dtype],
-        device=device,
-    )
-    params, optimizer, scheduler = make_optimizer(infu, settings)
+    trainer = build_trainer(config, settings, device)
     progress = {"step": 0, "position": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            progress = load_training_state(Path(folder), infu, optimizer, scheduler, rank)
+            progress = load_training_state(
+                Path(folder), trainer.infu, trainer.optimizer, trainer.scheduler, rank
+            )
         print(f"{step_name}: resumed at step {progress['step']} (data position {progress['position']})")
 
     samples = TrainingSamples(
@@ -203,7 +211,6 @@ def train_loop(payload: dict[str, Any]) -> None:
         config.model.projection.embedding_space,
         settings.global_batch,
     )
-    objective = FlowMatchingObjective(pipeline, infu, settings, config.model.inference.max_sequence_length)
     accumulation = settings.accumulation_steps(world)
     batches = worker_batches(samples, rank, world, start=progress["position"])
     validation = settings.validation
@@ -215,9 +222,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     step, position = progress["step"], progress["position"]
     started, window_samples, window_tokens = time.perf_counter(), 0, 0
     while step < settings.steps:
-        done = optimizer_step(
-            objective, optimizer, scheduler, params, batches, settings, step, rank, accumulation
-        )
+        done = optimizer_step(trainer, batches, settings, step, rank, accumulation)
         step += 1
         position += 1
         window_samples += settings.global_batch
@@ -226,7 +231,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         metrics = {
             "step": step,
             "loss": done.loss,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": trainer.scheduler.get_last_lr()[0],
             "grad_norm": done.grad_norm,
             "samples_per_s": window_samples / seconds,
             "tokens_per_s": window_tokens / seconds,
@@ -248,11 +253,12 @@ def train_loop(payload: dict[str, Any]) -> None:
                 )
         if validation.every and step % validation.every == 0:
             folder = out_dir / VALIDATION_DIR / f"step_{step:09d}"
-            validate(pipeline, identities, validation, folder, writer, step)
+            validate(trainer.pipeline, identities, validation, folder, writer, step)
         if step % settings.checkpoint.every == 0 or step == settings.steps:
             with tempfile.TemporaryDirectory() as folder:
+                saved = {"step": step, "position": position}
                 save_training_state(
-                    Path(folder), infu, optimizer, scheduler, {"step": step, "position": position}, rank
+                    Path(folder), trainer.infu, trainer.optimizer, trainer.scheduler, saved, rank
                 )
                 ray.train.report(
                     {"step": step, "loss": metrics["loss"]},
@@ -262,7 +268,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             started, window_samples, window_tokens = time.perf_counter(), 0, 0
     if writer is not None:
         writer.close()
-    export_infu(infu, out_dir / EXPORT_DIR, config.model.infu_version, rank, f"step {settings.steps}")
+    export_infu(trainer.infu, out_dir / EXPORT_DIR, config.model.infu_version, rank, f"step {settings.steps}")
 
 
 def last_checkpoint_step(folder: Path) -> int | None:
