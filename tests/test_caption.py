@@ -4,6 +4,7 @@ shard, caption stats per source, kill/resume to the same rows."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from captioning.caption import AssembleStage, CaptionTable, run_caption
@@ -102,25 +103,32 @@ def one_sample_per_shard(filter_dir: Path, folder: Path) -> Path:
 
 
 def test_a_killed_caption_job_resumes_to_the_same_rows(captioned_corpus, local_ray, tmp_path):
-    """A caption job over ten one-sample shards SIGKILLed after three, then rerun: the caption rows
-    equal those of an uninterrupted run."""
+    """A caption job over ten one-sample shards, SIGKILLed once nine are committed while the tenth's
+    records hang unread (a stalled mount: a FIFO nobody writes to), then rerun with the file back: the
+    caption rows equal those of an uninterrupted run.
+
+    The stalled shard makes the kill land mid-run every time: the other shards take milliseconds each,
+    and a kill timed between two of their commits was a race."""
     config, _ = captioned_corpus
     shards = one_sample_per_shard(config.step_dir("filter"), tmp_path / "shards")
-
-    def overrides(run_dir: Path) -> list[str]:
-        # Longer captions: a shard takes long enough for the kill to land between two commits.
-        return [f"run.run_dir={run_dir}", f"caption.input={shards}", "caption.blip2.max_new_tokens=48"]
-
-    reference = load_config(EMBEDDED, overrides(tmp_path / "reference"))
+    overrides = [f"caption.input={shards}", "caption.resources.concurrency=1"]
+    reference = load_config(EMBEDDED, [f"run.run_dir={tmp_path / 'reference'}", *overrides])
     run_caption(reference)
-    interrupted_overrides = [*overrides(tmp_path / "interrupted"), "caption.resources.concurrency=1"]
+
+    stalled = shards / f"{shard_name(4)}.parquet"
+    records = stalled.read_bytes()
+    stalled.unlink()
+    os.mkfifo(stalled)
+    interrupted_overrides = [f"run.run_dir={tmp_path / 'interrupted'}", *overrides]
     interrupted = load_config(EMBEDDED, interrupted_overrides)
     out_dir = interrupted.step_dir("caption")
-    done = kill_step_job_midway("caption", EMBEDDED, interrupted_overrides, out_dir, after=3)
-    assert 3 <= done < 10, "the kill should land mid-run"
+    done = kill_step_job_midway("caption", EMBEDDED, interrupted_overrides, out_dir, after=9)
+    assert done == 9 and shard_name(4) not in committed_shards(out_dir)
 
+    stalled.unlink()
+    stalled.write_bytes(records)
     manifest = run_caption(interrupted)
 
-    assert manifest["run"]["caption"]["shards_skipped"] == done
+    assert manifest["run"]["caption"]["shards_skipped"] == 9
     rows = read_captions(out_dir)
     assert len(rows) == 10 and rows == read_captions(reference.step_dir("caption"))
