@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from infu.captions import stable_uniform
+from infu.draws import stable_uniform
 
 FRAMINGS = ((0.15, "close-up"), (0.05, "portrait"), (0.015, "half-length"))
 """(least share of the image the largest face covers, framing word), widest face first."""

@@ -30,9 +30,9 @@ from filtering.buckets import assign_bucket, make_buckets
 from filtering.config import FilterConfig, FilterThresholds
 from filtering.dedup import phash
 from filtering.global_phase import compute_global_decisions
-from filtering.identity import SAME_IDENTITY_SIMILARITY, HeldOutIdentities
+from filtering.identity import HeldOutIdentities
 from infu.config import InfuConfig
-from infu.face import Face, FaceAnalyzer, FaceConfig, load_face_analyzer
+from infu.face import SAME_IDENTITY_SIMILARITY, Face, FaceAnalyzer, FaceConfig, face_rows, load_face_analyzer
 from infu.images import BadImageError, decode_image, extension_for_mime
 from infu.index import DatasetIndex
 from infu.lineage import upstream_inputs
@@ -143,20 +143,6 @@ def decide(scores: dict[str, float], rules: FilterThresholds) -> tuple[RejectRea
     return None
 
 
-def _face_rows(faces: list[Face]) -> list[dict[str, Any]]:
-    return [
-        {
-            "bbox": [float(value) for value in face.bbox],
-            "score": float(face.score),
-            "keypoints": [float(value) for value in np.asarray(face.kps).reshape(-1)],
-            "yaw": face.pose.yaw if face.pose else None,
-            "pitch": face.pose.pitch if face.pose else None,
-            "roll": face.pose.roll if face.pose else None,
-        }
-        for face in faces
-    ]
-
-
 def _held_out_folders(root: Path) -> dict[str, list[Path]]:
     return {
         folder.name: sorted(path for pattern in IMAGE_EXTENSIONS for path in folder.glob(pattern))
@@ -249,7 +235,7 @@ class ScoreStage(Stage):
                 _, similarity = self.held_out.match(faces[0].embedding[None, :])
                 scores["held_out_similarity"] = float(similarity[0])
             record.update(
-                faces=_face_rows(faces),
+                faces=face_rows(faces),
                 face_embedding=[float(value) for value in faces[0].embedding] if faces else None,
                 face_embedding_space=self.analyzer.embedding_space if faces else None,
                 scores={**(record.get("scores") or {}), **scores},

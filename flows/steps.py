@@ -32,8 +32,7 @@ def effective_config_file(config: InfuConfig, step: str) -> Path:
 
 def entrypoint(config: InfuConfig, step: str, config_file: Path, local: bool) -> str:
     python = config.run.python or (sys.executable if local else "python")
-    package = get_step(step).package
-    return f"{shlex.quote(python)} -m {package} {step} --config {shlex.quote(str(config_file))}"
+    return shlex.join([python, *get_step(step).job_arguments(), "--config", str(config_file)])
 
 
 def submission_prefix(config: InfuConfig, step: str) -> str:

@@ -11,7 +11,6 @@ among those that have text for the sample. Draws are a pure function of (seed, s
 
 from __future__ import annotations
 
-import hashlib
 from bisect import bisect_right
 from collections.abc import Mapping
 from itertools import accumulate
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from infu.config import Section
+from infu.draws import stable_uniform
 from infu.shards import parquet_paths
 
 CAPTION_SOURCES = ("original", "attribute", "small", "blip2", "internvl2")
@@ -79,14 +79,6 @@ def read_captions(out_dir: Path) -> dict[str, dict[str, Any]]:
                 )
             captions[row["key"]] = row
     return captions
-
-
-def stable_uniform(*parts: object) -> float:
-    """A number in [0, 1) that depends only on ``parts`` (hashed with BLAKE2b): the same in every
-    process and call order, unlike a seeded global RNG."""
-    text = "\x1f".join(str(part) for part in parts)
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()
-    return (int.from_bytes(digest, "big") >> 11) / 2**53  # 53 bits: exact in a float, never 1.0
 
 
 class MixtureConfig(Section):

@@ -50,6 +50,9 @@ class RejectReason(StrEnum):
     SYMLINK_NOT_FOLLOWED = "symlink_not_followed"
     DUPLICATE_MEMBER = "duplicate_member"
     BAD_TAR = "bad_tar"
+    LOW_IDENTITY_SIMILARITY = "low_identity_similarity"
+    COPY_PASTE = "copy_paste"
+    GENERATION_FAILED = "generation_failed"
 
 
 FACE_TYPE = pa.struct(

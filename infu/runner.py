@@ -93,6 +93,8 @@ class StageOutput:
     record: dict[str, Any]
     image: bytes | None = None
     extension: str | None = None
+    members: dict[str, bytes] = field(default_factory=dict)
+    """Further files of a kept sample, by suffix: ``{"ref.jpg": ...}`` is written as ``<key>.ref.jpg``."""
 
 
 class Stage(ABC):
@@ -265,7 +267,7 @@ def commit_parts(
             with open(parts / f"{chunk:06d}.pkl", "rb") as handle:
                 outputs: list[StageOutput] = pickle.load(handle)
             for output in outputs:
-                writer.add(output.record, output.image, output.extension)
+                writer.add(output.record, output.image, output.extension, output.members)
         stats = writer.commit()
     shutil.rmtree(parts, ignore_errors=True)
     return stats

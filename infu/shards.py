@@ -3,7 +3,8 @@
 A shard ``NNNNNN`` is three files in a step's output folder:
 
 * ``NNNNNN.tar`` — webdataset tar: for every kept sample ``<key>.<ext>`` (the original image bytes,
-  never re-encoded) and ``<key>.json`` (its record);
+  never re-encoded), ``<key>.json`` (its record) and any further members ``<key>.<name>.<ext>`` (an SPMS
+  pair's reference image);
 * ``NNNNNN.parquet`` — one row per input sample, kept or rejected, with :data:`SAMPLE_SCHEMA`;
 * ``NNNNNN_stats.json`` — counts, reject reasons, bytes, timings.
 
@@ -26,7 +27,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,21 +115,32 @@ class ShardWriter:
         if not self._done:
             self.abort()
 
-    def add(self, record: dict[str, Any], image: bytes | None = None, extension: str | None = None) -> None:
+    def add(
+        self,
+        record: dict[str, Any],
+        image: bytes | None = None,
+        extension: str | None = None,
+        members: dict[str, bytes] | None = None,
+    ) -> None:
         """Add one sample. Kept samples carry their original image bytes and extension (unless the shard
-        is records-only: ``with_images=False``)."""
+        is records-only: ``with_images=False``), and maybe further ``members`` by dotted suffix."""
         record = dict(record, shard=self.name)
         if self.with_images and record["status"] == Status.OK:
             if image is None or not extension:
                 raise ValueError(f"kept sample {record['key']} needs its image bytes and extension")
+            if any("." not in suffix for suffix in members or {}):
+                raise ValueError(
+                    f"further members of {record['key']} need dotted suffixes: {list(members or {})}"
+                )
             self._tar.write(
                 {
                     "__key__": record["key"],
                     extension: image,
+                    **(members or {}),
                     "json": json.dumps(record, default=_json_default).encode(),
                 }
             )
-            self._image_bytes += len(image)
+            self._image_bytes += len(image) + sum(len(data) for data in (members or {}).values())
         self._records.append(record)
 
     def commit(self) -> dict[str, Any]:
@@ -260,11 +272,12 @@ class InputImages:
 
 @dataclass(frozen=True)
 class Sample:
-    """A kept sample read back from a shard tar: its record and original image bytes."""
+    """A kept sample read back from a shard tar: its record, original image bytes and further members."""
 
     record: dict[str, Any]
     image: bytes
     extension: str
+    members: dict[str, bytes] = field(default_factory=dict)
 
 
 def iter_tar(path: Path) -> Iterator[Sample]:
@@ -289,8 +302,9 @@ def iter_tar(path: Path) -> Iterator[Sample]:
 
 def _sample(members: dict[str, bytes]) -> Sample:
     record = with_every_column(json.loads(members.pop("json")))
-    (extension, image), *_ = members.items()
-    return Sample(record=record, image=image, extension=extension)
+    (extension, image), *_ = ((name, data) for name, data in members.items() if "." not in name)
+    further = {name: data for name, data in members.items() if "." in name}
+    return Sample(record=record, image=image, extension=extension, members=further)
 
 
 def iter_samples(out_dir: Path) -> Iterator[Sample]:

@@ -56,6 +56,12 @@ class StepSpec:
     input_field: str | None = None
     """A section field that, when set, points at an input folder replacing the (single) upstream output."""
     help: str = ""
+    command: str = ""
+    """Its command in ``python -m <package> <command>`` when not its name (``datagen filter`` is ``spms``)."""
+
+    def job_arguments(self) -> list[str]:
+        """``["-m", package, command]``: what follows ``python`` in the step's Ray job entrypoint."""
+        return ["-m", self.package, self.command or self.name]
 
     def runner(self) -> Any:
         module, _, function = self.run.partition(":")
@@ -188,7 +194,7 @@ def job_app(package: str) -> typer.Typer:
                 raise SystemExit(1)
 
         run.__doc__ = spec.help
-        app.command(spec.name)(run)
+        app.command(spec.command or spec.name)(run)
 
     for spec in specs:
         command(spec)

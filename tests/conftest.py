@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,8 +88,8 @@ def kill_step_job_midway(
     after: int,
     count: Callable[[Path], int] | None = None,
 ) -> int:
-    """:func:`kill_job_midway` for ``python -m <package> <step> --config ... --set ...``."""
-    command = [sys.executable, "-m", get_step(step).package, step, "--config", str(config)]
+    """:func:`kill_job_midway` for ``python -m <package> <command> --config ... --set ...``."""
+    command = [sys.executable, *get_step(step).job_arguments(), "--config", str(config)]
     for override in overrides:
         command += ["--set", override]
     return kill_job_midway(command, shards_dir, after, count)
@@ -182,3 +183,38 @@ def shared_models() -> Path:
 @pytest.fixture(scope="session")
 def shared_specs() -> Path:
     return _shared("specs")
+
+
+def copy_step_outputs(source: Path, dest: Path, steps: tuple[str, ...]) -> None:
+    """Copy the outputs of ``steps`` (and the sample corpus) of run folder ``source`` into ``dest``."""
+    for step in ("corpus", *steps):
+        shutil.copytree(source / step, dest / step)
+
+
+@pytest.fixture(scope="session")
+def spms_pairs(captioned_corpus, tmp_path_factory):
+    """The captioned corpus, a 2-step stage-1 export, its synthesis and the SPMS filter, once per session
+    in a run folder of their own: ``(config, synth manifest, spms manifest)``."""
+    from datagen.spms_filter import run_spms
+    from datagen.synth import run_synth
+    from infu.config import load_config
+    from training.train import run_training
+
+    source, _ = captioned_corpus
+    run_dir = tmp_path_factory.mktemp("spms_pairs")
+    copy_step_outputs(source.run.run_dir, run_dir, ("ingest", "filter", "caption"))
+    config = load_config(EMBEDDED, spms_overrides(run_dir))
+    with ray_unless_running():
+        run_training(config, "stage1")
+        return config, run_synth(config), run_spms(config)
+
+
+def spms_overrides(run_dir: Path) -> list[str]:
+    """A run in ``run_dir`` (holding the sample corpus) with a 2-step stage 1 and its pose photos."""
+    return [
+        *corpus_overrides(run_dir),
+        "stage1.steps=2",
+        "stage1.validation.every=null",
+        "stage1.checkpoint.every=2",
+        f"synth.pose_photos={run_dir / 'corpus' / 'people'}",
+    ]

@@ -46,7 +46,11 @@ def run(command: list[str], timeout: float = 600, **env: str) -> subprocess.Comp
 
 def in_run_dir(run_dir: Path) -> list[str]:
     """Overrides that keep every output (and the sample corpus) under ``run_dir``."""
-    return ["--set", f"run.run_dir={run_dir}", "--set", f"ingest.source.path={run_dir / 'sample_corpus'}"]
+    corpus = run_dir / "sample_corpus"
+    return ["--set", f"run.run_dir={run_dir}", "--set", f"ingest.source.path={corpus}"] + [
+        "--set",
+        f"synth.pose_photos={corpus / 'people'}",
+    ]
 
 
 def assert_ingested(run_dir: Path) -> None:
@@ -72,9 +76,17 @@ def assert_trained(run_dir: Path, steps: int) -> None:
     assert (Path(manifest["export"]) / "infu_flux_v1.0" / "aes_stage2" / "InfuseNetModel").is_dir()
 
 
+def assert_paired(run_dir: Path) -> None:
+    """One synthesis row per kept portrait (one sample each), every one decided by the SPMS filter."""
+    synth, spms = (json.loads((run_dir / step / "_manifest.json").read_text()) for step in ("synth", "spms"))
+    assert synth["status"] == spms["status"] == "complete"
+    assert synth["counts"]["samples"] == spms["counts"]["samples"] == 10
+
+
 def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     ray.shutdown()
     short_training = ["--set", "stage1.steps=4", "--set", "stage1.checkpoint.every=2"]
+    short_training += ["--set", "synth.samples_per_reference=1"]
     command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path)]
     result = run([*command, *short_training])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -82,6 +94,7 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     assert f"filter output: {tmp_path / 'filter'}" in result.stdout
     assert f"caption output: {tmp_path / 'caption'}" in result.stdout
     assert f"stage1 output: {tmp_path / 'stage1'}" in result.stdout
+    assert f"spms output: {tmp_path / 'spms'}" in result.stdout
     assert "Flow run" in result.stderr + result.stdout and "Completed" in result.stderr + result.stdout
     assert_ingested(tmp_path)
     assert_filtered(tmp_path)
@@ -89,10 +102,13 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
         "caption",
         "filter",
         "ingest",
+        "spms",
         "stage1",
+        "synth",
     ]
     assert_captioned(tmp_path)
     assert_trained(tmp_path, steps=4)
+    assert_paired(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +172,7 @@ def submit_step(ray_head: str, step: str, run_dir: Path, *overrides: str) -> sub
     auth = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
     entrypoint = [
         "python",
-        "-m",
-        get_step(step).package,
-        step,
+        *get_step(step).job_arguments(),
         "--config",
         str(EMBEDDED),
         *in_run_dir(run_dir),

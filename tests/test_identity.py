@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from filtering import identity
-from filtering.identity import SAME_IDENTITY_SIMILARITY, HeldOutIdentities, cluster_identities
-from infu.face import FaceAnalyzer, FaceConfig, load_face_analyzer
+from filtering.identity import HeldOutIdentities, cluster_identities
+from infu.face import SAME_IDENTITY_SIMILARITY, FaceAnalyzer, FaceConfig, load_face_analyzer
 from infu.sample_corpus import build_sample_corpus
 
 DLIB_THRESHOLD = SAME_IDENTITY_SIMILARITY["dlib"]

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
-from peft import LoraConfig as PeftLoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 
 from infu.face import ARCFACE_TEMPLATE, FaceConfig, NoFaceError, draw_keypoints_control, load_face_analyzer
@@ -19,7 +17,7 @@ from infu.model.config import InferenceConfig, LoraConfig, ModelConfig, Projecti
 from infu.model.factory import build_pipeline
 from infu.model.infu import InfU
 from infu.model.pipeline import InfUFluxPipeline
-from infu.model.tiny import tiny_flux_components, tiny_transformer
+from infu.model.tiny import tiny_flux_components, tiny_transformer, write_tiny_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed:FutureWarning")
 
@@ -213,24 +211,10 @@ def test_analyzer_embedding_size_must_match_the_projection(analyzer):
         build_pipeline(config, face_analyzer=analyzer)
 
 
-def save_tiny_lora(pipeline: InfUFluxPipeline, directory, seed: int = 3):
-    """A random LoRA for the tiny transformer, saved in the diffusers/peft format."""
-    transformer = tiny_flux_components(TINY.projection.output_dim, TINY.tiny_seed)["transformer"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer.add_adapter(
-            PeftLoraConfig(
-                r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False
-            )
-        )
-    FluxPipeline.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(transformer))
-    return directory / "pytorch_lora_weights.safetensors"
-
-
 def test_lora_loads_scales_fuses_and_unfuses(tmp_path):
     pipeline = trained(build_pipeline(TINY))
     pipeline.set_progress_bar_config(disable=True)
-    lora_file = save_tiny_lora(pipeline, tmp_path)
+    lora_file = write_tiny_lora(tmp_path, TINY.projection.output_dim, seed=3)
     base = run(pipeline)
 
     assert pipeline.apply_loras([LoraConfig(path=lora_file, adapter_name="style")]) == ["style"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from training.data import TrainingSamples, cover_crop, scaled_bucket, worker_bat
 from training.objective import FlowMatchingObjective, sample_timesteps
 from training.train import CHECKPOINTS_DIR, METRICS_FILE, VALIDATION_DIR, run_training
 
-from .conftest import EMBEDDED, corpus_overrides, kill_step_job_midway, ray_unless_running
+from .conftest import EMBEDDED, copy_step_outputs, corpus_overrides, kill_step_job_midway, ray_unless_running
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed:FutureWarning")
 
@@ -165,8 +164,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def copy_inputs(source: Path, dest: Path) -> None:
-    for step in ("corpus", "ingest", "filter", "caption"):
-        shutil.copytree(source / step, dest / step)
+    copy_step_outputs(source, dest, ("ingest", "filter", "caption"))
 
 
 def saved_checkpoints(folder: Path) -> int:

@@ -1,5 +1,5 @@
-"""The training sections (``stage1:``; ``stage2:`` once SPMS pairs exist): data, objective, optimiser,
-distribution, checkpoints, logging and the planner's setup. Paper values are in ``configs/flux-dev.yaml``."""
+"""The training sections (``stage1:`` and ``stage2:``): data, objective, optimiser, distribution,
+checkpoints, logging and the planner's setup. Paper values are in ``configs/flux-dev.yaml``."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ from training.plan import PlanConfig, accumulation_steps
 
 
 class DataConfig(Section):
-    """What one training sample is: the filter's kept image in its aspect-ratio bucket, a caption drawn
-    from the caption mixture, the identity embedding of the reference face, the target's keypoints."""
+    """What one training sample is: the target image in its aspect-ratio bucket, its caption, the identity
+    embedding of the reference face, the target's keypoints (stage 1: a kept portrait of the filter with
+    a caption drawn from the caption mixture; stage 2: an SPMS pair, see :class:`PairTrainConfig`)."""
 
     micro_batch: int = Field(4, ge=1, description="samples per worker per forward pass")
     max_side: int | None = Field(
         None,
         ge=LATENT_PIXEL_MULTIPLE,
         multiple_of=LATENT_PIXEL_MULTIPLE,
-        description="scale the filter's buckets down to this longer side (null: train at the bucket size)",
+        description="scale the buckets down to this longer side (null: train at the bucket size)",
     )
     control_dropout: float = Field(0.1, ge=0, lt=1, description="share of samples with a black control")
     reference: Literal["target", "same_identity"] = Field(
@@ -122,3 +123,28 @@ class TrainConfig(Section):
             micro_batch_name="data.micro_batch",
             workers_name="resources.workers",
         )
+
+
+class PairTrainConfig(TrainConfig):
+    """The ``stage2:`` section, SFT on SPMS pairs: a sample's target is the synthetic image, its caption
+    the pair's prompt and its identity the pair's real reference, so ``data.reference`` and
+    ``data.mixture`` (stage 1's) must stay unset."""
+
+    init: ResolvedPath | None = Field(
+        None,
+        description="InfU checkpoint (released layout) to start from; null: the export of this run's stage 1",
+    )
+
+    @model_validator(mode="after")
+    def _pairs_bring_their_caption_and_reference(self) -> PairTrainConfig:
+        if self.data.reference != "target":
+            raise ValueError(
+                f"data.reference is {self.data.reference!r}, but a pair's identity embedding is its real "
+                "reference's (the row's reference_embedding): remove data.reference (a stage-1 setting)"
+            )
+        if self.data.mixture != MixtureConfig():
+            raise ValueError(
+                "data.mixture is set, but a pair's caption is the prompt its synthetic image was made "
+                "from (the row's prompt): remove data.mixture (a stage-1 setting)"
+            )
+        return self

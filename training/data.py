@@ -1,8 +1,10 @@
-"""The training data: the filter's kept samples in aspect-ratio buckets, planned into batches from their
-metadata alone, then read, decoded and cropped on the worker that trains on them.
+"""The training data: kept samples in aspect-ratio buckets, planned into batches from their metadata
+alone, then read, decoded and cropped on the worker that trains on them. One planner and loader
+(:class:`PlannedSamples`) serves both sources; they differ only in where a sample's caption and
+identity embedding come from.
 
-**Plan.** Every worker computes the same plan from the Parquet columns of the filter's shards (no image is
-read): per epoch the shards are shuffled (seeded by ``shuffle_seed`` and the epoch), then each shard's
+**Plan.** Every worker computes the same plan from the Parquet columns of the source's shards (no image
+is read): per epoch the shards are shuffled (seeded by ``shuffle_seed`` and the epoch), then each shard's
 samples; a sample joins the buffer of its bucket, and a full buffer (``global_batch`` samples) is one
 optimiser step's *global batch*. It is cut into slices of ``micro_batch`` samples: worker ``r`` takes slice
 ``m x workers + r`` as its micro batch ``m``, so the plan and the slices do not depend on the worker
@@ -11,13 +13,19 @@ exactly what the killed one trained on, reading
 metadata only. Samples left in a bucket's buffer at the end of an epoch are counted
 (:attr:`EpochPlan.left_over`): they meet other samples in the next epoch's order.
 
-**Sample.** Stage 1 (SPSS): the reference face is the target's own (its identity embedding, from the
-filter's record); the control image draws the target's five keypoints, mapped through the same
-resize-and-crop as the image, or is black with probability ``control_dropout``; the caption is drawn by the
-:class:`~infu.captions.CaptionMixture` (its ``empty_rate`` is the caption dropout). Identity-enhanced
-training (Infinite-ID): ``reference: same_identity`` takes the identity embedding from another photo of
-the target's identity cluster (drawn per epoch; a sample alone in its cluster keeps its own), and
-``empty_prompts`` trains without text.
+**Sample.** The target is the shard's image ``<key>.<ext>``; the control image draws the target's five
+keypoints (its largest face), mapped through the same resize-and-crop as the image, or is black with
+probability ``control_dropout``; ``empty_prompts`` trains without text.
+
+* Stage 1, SPSS (:class:`TrainingSamples`: the filter's shards and the caption step's): the reference
+  face is the target's own (its identity embedding, from the filter's record); the caption is drawn by
+  the :class:`~infu.captions.CaptionMixture` (its ``empty_rate`` is the caption dropout).
+  Identity-enhanced training (Infinite-ID): ``reference: same_identity`` takes the identity embedding
+  from another photo of the target's identity cluster (drawn per epoch; a sample alone in its cluster
+  keeps its own).
+* Stage 2, SPMS (:class:`PairSamples`: the ``spms`` step's pair shards, :mod:`infu.pairs`): the target
+  is the synthetic image, the identity embedding the real reference's (``reference_embedding``), the
+  caption the prompt the synthetic image was made from.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import queue
 import random
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +45,16 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from infu.captions import CaptionMixture, read_caption_rows, stable_uniform
+from infu.captions import CaptionMixture, read_caption_rows
+from infu.draws import stable_uniform
 from infu.face.control import black_control, draw_keypoints_control
 from infu.images import decode_image
 from infu.model.config import LATENT_PIXEL_MULTIPLE
+from infu.pairs import read_pair_records
 from infu.records import Status
 from infu.shards import InputImages, committed_shards, read_parquet_records
 from infu.steps import StepError
-from training.config import DataConfig
+from training.config import DataConfig, TrainConfig
 
 PLAN_COLUMNS = ["key", "status", "bucket_width", "bucket_height", "face_embedding_space", "identity_cluster"]
 
@@ -95,47 +105,65 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-class TrainingSamples:
-    """The filter's kept samples with a face embedding, their captions, and the deterministic batch plan."""
+class PlannedSamples:
+    """Kept samples with a face embedding in the committed shards of ``shards_dir``, the deterministic
+    batch plan over them, and their loading; a subclass says where a sample's caption and identity
+    embedding come from."""
 
-    def __init__(
-        self, filter_dir: Path, captions_dir: Path, data: DataConfig, embedding_space: str, global_batch: int
-    ):
-        self.filter_dir = Path(filter_dir)
-        self.captions_dir = Path(captions_dir)
+    producer = ""
+    """The step writing the shards (named when they are missing)."""
+
+    def __init__(self, shards_dir: Path, data: DataConfig, embedding_space: str, global_batch: int):
+        self.shards_dir = Path(shards_dir)
         self.data = data
         self.embedding_space = embedding_space
         self.global_batch = global_batch
-        self.mixture = CaptionMixture(data.mixture)
-        self.shards = committed_shards(self.filter_dir)
+        self.shards = committed_shards(self.shards_dir)
         if not self.shards:
-            raise StepError(f"no committed shards in {self.filter_dir}: run the filter step first")
-        captioned = set(committed_shards(self.captions_dir))
-        missing = [shard for shard in self.shards if shard not in captioned]
-        if missing:
-            raise StepError(
-                f"{len(missing)} filter shard(s) have no captions in {self.captions_dir} (first: "
-                f"{missing[0]}): run the caption step first"
-            )
+            raise StepError(f"no committed shards in {self.shards_dir}: run the {self.producer} step first")
         self.images = InputImages()
+
+    # what a source defines ----------------------------------------------------------------------------
+
+    def read_records(self, path: Path) -> list[dict[str, Any]]:
+        """The rows of one shard's Parquet file."""
+        raise NotImplementedError
+
+    def identity_embedding(self, record: dict[str, Any]) -> list[float]:
+        """The identity embedding a row gives to the samples it is the reference of."""
+        raise NotImplementedError
+
+    def caption(self, ref: SampleRef, record: dict[str, Any], epoch: int) -> str:
+        """The caption ``ref`` trains with in ``epoch``."""
+        raise NotImplementedError
+
+    def reference_of(self, ref: SampleRef, epoch: int) -> SampleRef:
+        """The sample whose row gives ``ref``'s identity embedding: itself."""
+        return ref
+
+    # the plan -----------------------------------------------------------------------------------------
 
     @functools.cache  # noqa: B019 - one plan index per shard, kept for the run
     def shard_refs(self, shard: str) -> tuple[SampleRef, ...]:
         """The trainable samples of a shard, from its metadata columns."""
-        table = pq.read_table(self.filter_dir / f"{shard}.parquet", columns=PLAN_COLUMNS).to_pylist()
+        table = pq.read_table(self.shards_dir / f"{shard}.parquet", columns=PLAN_COLUMNS).to_pylist()
         refs = []
         for row in table:
             if row["status"] != Status.OK or row["bucket_width"] is None:
                 continue
             if row["face_embedding_space"] != self.embedding_space:
                 raise StepError(
-                    f"sample {row['key']} in {self.filter_dir}/{shard} has a {row['face_embedding_space']} "
+                    f"sample {row['key']} in {self.shards_dir}/{shard} has a {row['face_embedding_space']} "
                     f"face embedding, but the projection takes {self.embedding_space} embeddings "
-                    "(face.recognizer of the filter run vs model.projection.embedding_space)"
+                    f"(face.recognizer of the {self.producer} run vs model.projection.embedding_space)"
                 )
             size = scaled_bucket(row["bucket_width"], row["bucket_height"], self.data.max_side)
             refs.append(SampleRef(shard, row["key"], size, row["identity_cluster"]))
         return tuple(refs)
+
+    def trainable(self) -> list[SampleRef]:
+        """Every trainable sample, in shard order."""
+        return [ref for shard in self.shards for ref in self.shard_refs(shard)]
 
     def epoch(self, epoch: int, plan: EpochPlan | None = None) -> Iterator[list[SampleRef]]:
         """The global batches of ``epoch`` (same-size samples each), in plan order."""
@@ -185,61 +213,30 @@ class TrainingSamples:
         for _ in self.epoch(0, plan):
             pass
         self.require_batches(plan)
-        sizes = Counter(ref.size for shard in self.shards for ref in self.shard_refs(shard))
-        summary = {
+        sizes = Counter(ref.size for ref in self.trainable())
+        return {
             "trainable_samples": sum(sizes.values()),
             "buckets": {f"{width}x{height}": count for (width, height), count in sorted(sizes.items())},
             "global_batches_per_epoch": plan.batches,
             "left_over_per_epoch": sum(plan.left_over.values()),
         }
-        if self.data.reference == "same_identity":
-            members = self.identity_members().values()
-            # their own face is their reference
-            summary["samples_alone_in_their_identity"] = sum(1 for refs in members if len(refs) == 1)
-        return summary
-
-    @functools.cache  # noqa: B019
-    def identity_members(self) -> dict[str | None, tuple[SampleRef, ...]]:
-        """Identity cluster -> its trainable samples (a sample without a cluster is alone in its own)."""
-        members: dict[str | None, list[SampleRef]] = defaultdict(list)
-        for shard in self.shards:
-            for ref in self.shard_refs(shard):
-                members[ref.identity if ref.identity is not None else ref.key].append(ref)
-        return {identity: tuple(refs) for identity, refs in members.items()}
-
-    def reference_of(self, ref: SampleRef, epoch: int) -> SampleRef:
-        """The sample whose face gives ``ref``'s identity: itself, or (identity-enhanced) another photo of
-        its identity cluster, drawn per epoch."""
-        if self.data.reference == "target":
-            return ref
-        others = [other for other in self.identity_members()[ref.identity or ref.key] if other.key != ref.key]
-        if not others:
-            return ref
-        return others[int(stable_uniform(self.data.shuffle_seed, ref.key, epoch, "reference") * len(others))]
 
     def validation_identities(self, count: int) -> torch.Tensor:
         """``[count, D]`` unit identity embeddings of the first ``count`` trainable samples by key."""
-        refs = [ref for shard in self.shards for ref in self.shard_refs(shard)]
-        refs.sort(key=lambda ref: ref.key)
-        embeddings = [self.shard_records(ref.shard)[ref.key]["face_embedding"] for ref in refs[:count]]
+        refs = sorted(self.trainable(), key=lambda ref: ref.key)[:count]
+        embeddings = [self.identity_embedding(self.shard_records(ref.shard)[ref.key]) for ref in refs]
         return torch.nn.functional.normalize(torch.tensor(embeddings, dtype=torch.float32), dim=-1)
 
     # reading samples ----------------------------------------------------------------------------------
 
     @functools.lru_cache(maxsize=4)  # noqa: B019
     def shard_records(self, shard: str) -> dict[str, dict[str, Any]]:
-        return {
-            record["key"]: record for record in read_parquet_records(self.filter_dir / f"{shard}.parquet")
-        }
-
-    @functools.lru_cache(maxsize=4)  # noqa: B019
-    def shard_captions(self, shard: str) -> dict[str, dict[str, Any]]:
-        return {row["key"]: row for row in read_caption_rows(self.captions_dir / f"{shard}.parquet")}
+        return {record["key"]: record for record in self.read_records(self.shards_dir / f"{shard}.parquet")}
 
     def load(self, ref: SampleRef, epoch: int) -> dict[str, Any]:
         """One training sample: target pixels, control pixels, caption, identity embedding."""
         record = self.shard_records(ref.shard)[ref.key]
-        tar = str(self.filter_dir / f"{ref.shard}.tar")
+        tar = str(self.shards_dir / f"{ref.shard}.tar")
         image = decode_image(self.images.read({"record": record, "tar": tar}), min_size=ref.size)
         scale, left, top = cover_crop(image.size, ref.size)
         decoded_scale = image.width / record["width"]  # keypoints are in the original's pixels
@@ -255,14 +252,13 @@ class TrainingSamples:
             kps = np.asarray(faces[0]["keypoints"], dtype=np.float32).reshape(5, 2)
             offset = np.array([round(left), round(top)])
             control = draw_keypoints_control(ref.size, kps * decoded_scale * scale - offset)
-        _, caption = self.mixture.pick(ref.key, epoch, self.shard_captions(ref.shard).get(ref.key, {}))
         reference = self.reference_of(ref, epoch)
-        embedding = self.shard_records(reference.shard)[reference.key]["face_embedding"]
+        embedding = self.identity_embedding(self.shard_records(reference.shard)[reference.key])
         return {
             "key": ref.key,
             "pixels": to_pixels(target),
             "control": to_pixels(control),
-            "prompt": "" if self.data.empty_prompts else caption,
+            "prompt": "" if self.data.empty_prompts else self.caption(ref, record, epoch),
             "id_embedding": torch.tensor(embedding, dtype=torch.float32),
         }
 
@@ -279,8 +275,98 @@ class TrainingSamples:
         }
 
 
+class TrainingSamples(PlannedSamples):
+    """Stage 1 (SPSS): the filter's kept portraits, their captions from the caption step's shards."""
+
+    producer = "filter"
+
+    def __init__(
+        self, filter_dir: Path, captions_dir: Path, data: DataConfig, embedding_space: str, global_batch: int
+    ):
+        super().__init__(filter_dir, data, embedding_space, global_batch)
+        self.captions_dir = Path(captions_dir)
+        self.mixture = CaptionMixture(data.mixture)
+        captioned = set(committed_shards(self.captions_dir))
+        missing = [shard for shard in self.shards if shard not in captioned]
+        if missing:
+            raise StepError(
+                f"{len(missing)} filter shard(s) have no captions in {self.captions_dir} (first: "
+                f"{missing[0]}): run the caption step first"
+            )
+
+    def read_records(self, path: Path) -> list[dict[str, Any]]:
+        return read_parquet_records(path)
+
+    def identity_embedding(self, record: dict[str, Any]) -> list[float]:
+        return record["face_embedding"]
+
+    def caption(self, ref: SampleRef, record: dict[str, Any], epoch: int) -> str:
+        return self.mixture.pick(ref.key, epoch, self.shard_captions(ref.shard).get(ref.key, {}))[1]
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019
+    def shard_captions(self, shard: str) -> dict[str, dict[str, Any]]:
+        return {row["key"]: row for row in read_caption_rows(self.captions_dir / f"{shard}.parquet")}
+
+    def summary(self) -> dict[str, Any]:
+        summary = super().summary()
+        if self.data.reference == "same_identity":
+            members = self.identity_members().values()
+            # their own face is their reference
+            summary["samples_alone_in_their_identity"] = sum(1 for refs in members if len(refs) == 1)
+        return summary
+
+    @functools.cache  # noqa: B019
+    def identity_members(self) -> dict[str | None, tuple[SampleRef, ...]]:
+        """Identity cluster -> its trainable samples (a sample without a cluster is alone in its own)."""
+        members: dict[str | None, list[SampleRef]] = defaultdict(list)
+        for ref in self.trainable():
+            members[ref.identity if ref.identity is not None else ref.key].append(ref)
+        return {identity: tuple(refs) for identity, refs in members.items()}
+
+    def reference_of(self, ref: SampleRef, epoch: int) -> SampleRef:
+        """The sample whose face gives ``ref``'s identity: itself, or (identity-enhanced) another photo of
+        its identity cluster, drawn per epoch."""
+        if self.data.reference == "target":
+            return ref
+        others = [other for other in self.identity_members()[ref.identity or ref.key] if other.key != ref.key]
+        if not others:
+            return ref
+        return others[int(stable_uniform(self.data.shuffle_seed, ref.key, epoch, "reference") * len(others))]
+
+
+class PairSamples(PlannedSamples):
+    """Stage 2 (SPMS): the kept pairs of the ``spms`` step. The target is the synthetic image
+    (``<key>.png``, its faces and bucket are the row's), the identity embedding the real reference's,
+    the caption the row's prompt (``data.reference`` and the caption mixture do not apply)."""
+
+    producer = "spms"
+
+    def read_records(self, path: Path) -> list[dict[str, Any]]:
+        return read_pair_records(path)
+
+    def identity_embedding(self, record: dict[str, Any]) -> list[float]:
+        return record["reference_embedding"]
+
+    def caption(self, ref: SampleRef, record: dict[str, Any], epoch: int) -> str:
+        return record["prompt"] or ""
+
+
+def step_samples(
+    inputs: Mapping[str, Path | str], settings: TrainConfig, embedding_space: str
+) -> PlannedSamples:
+    """A training step's samples from the folders it reads (:func:`infu.lineage.upstream_inputs`), for
+    a projection taking ``embedding_space`` embeddings: the SPMS pairs when it reads ``spms`` (stage 2),
+    else the filter's portraits and their captions (stage 1)."""
+    data, global_batch = settings.data, settings.global_batch
+    if "spms" in inputs:
+        return PairSamples(Path(inputs["spms"]), data, embedding_space, global_batch)
+    return TrainingSamples(
+        Path(inputs["filter"]), Path(inputs["caption"]), data, embedding_space, global_batch
+    )
+
+
 def worker_batches(
-    samples: TrainingSamples, rank: int, world: int, start: int, prefetch: int = 2
+    samples: PlannedSamples, rank: int, world: int, start: int, prefetch: int = 2
 ) -> Iterator[dict[str, Any]]:
     """Worker ``rank`` of ``world``'s micro batches from plan position ``start`` (a step), read ahead in a
     background thread: slices ``m x world + rank`` of each global batch (``epoch`` and ``position``

@@ -1,4 +1,6 @@
-"""The training loop, run by every Ray Train worker, and the step that launches it.
+"""The training loop, run by every Ray Train worker, and the steps that launch it: ``stage1`` (pretraining
+on the filter's portraits, fresh from the base) and ``stage2`` (SFT on SPMS pairs, from the stage-1
+export unless ``init`` says otherwise).
 
 Each worker builds the pipeline (frozen FLUX parts, InfuseNet, projection), shards it
 (:mod:`training.parallelize`), resumes from Ray Train's latest checkpoint when there is one, then per
@@ -26,26 +28,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from infu.captions import stable_uniform
 from infu.config import InfuConfig
+from infu.draws import draw_seed
 from infu.lineage import upstream_inputs
-from infu.manifest import open_step_output
+from infu.manifest import open_step_output, read_manifest
 from infu.model.config import LATENT_PIXEL_MULTIPLE
 from infu.quality.torch_utils import TORCH_DTYPES
+from infu.steps import StepError
 from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
 from training.config import TrainConfig, ValidationConfig
-from training.data import TrainingSamples, worker_batches
+from training.data import step_samples, worker_batches
 
 CHECKPOINTS_DIR = "checkpoints"
 VALIDATION_DIR = "validation"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
-
-
-def draw_seed(*parts: object) -> int:
-    """A 53-bit seed that depends only on ``parts``."""
-    return int(stable_uniform(*parts) * 2**53)
 
 
 @dataclass(frozen=True)
@@ -61,10 +59,12 @@ class Trainer:
     objective: Any
 
 
-def build_trainer(config: InfuConfig, settings: TrainConfig, device: torch.device) -> Trainer:
-    """Build the models from ``settings.init`` (a released-layout checkpoint) or fresh from the base,
-    shard them (FSDP2 when a process group is up and ``settings.fsdp``), and AdamW with linear warmup to a
-    constant learning rate."""
+def build_trainer(
+    config: InfuConfig, settings: TrainConfig, device: torch.device, init: Path | None = None
+) -> Trainer:
+    """Build the models from ``init`` (a released-layout checkpoint; default ``settings.init``) or fresh
+    from the base, shard them (FSDP2 when a process group is up and ``settings.fsdp``), and AdamW with
+    linear warmup to a constant learning rate."""
     from diffusers.optimization import get_scheduler
 
     from infu.model.factory import build_pipeline
@@ -72,7 +72,8 @@ def build_trainer(config: InfuConfig, settings: TrainConfig, device: torch.devic
     from training.objective import FlowMatchingObjective
     from training.parallelize import parallelize
 
-    model = config.model.model_copy(update={"infu_model": settings.init, "loras": [], "quantize": None})
+    start = init if init is not None else settings.init
+    model = config.model.model_copy(update={"infu_model": start, "loras": [], "quantize": None})
     pipeline = build_pipeline(model, device=device, dtype=TORCH_DTYPES[settings.param_dtype])
     pipeline.set_progress_bar_config(disable=True)
     infu = InfU(pipeline.image_proj, pipeline.infusenet)
@@ -194,7 +195,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)
 
-    trainer = build_trainer(config, settings, device)
+    trainer = build_trainer(config, settings, device, Path(payload["init"]) if payload["init"] else None)
     progress = {"step": 0, "position": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -204,13 +205,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             )
         print(f"{step_name}: resumed at step {progress['step']} (data position {progress['position']})")
 
-    samples = TrainingSamples(
-        Path(payload["filter_dir"]),
-        Path(payload["captions_dir"]),
-        settings.data,
-        config.model.projection.embedding_space,
-        settings.global_batch,
-    )
+    samples = step_samples(payload["inputs"], settings, config.model.projection.embedding_space)
     accumulation = settings.accumulation_steps(world)
     batches = worker_batches(samples, rank, world, start=progress["position"])
     validation = settings.validation
@@ -281,6 +276,29 @@ def run_stage1(config: InfuConfig) -> dict[str, Any]:
     return run_training(config, "stage1")
 
 
+def run_stage2(config: InfuConfig) -> dict[str, Any]:
+    return run_training(config, "stage2")
+
+
+def stage1_export(stage1_dir: Path) -> Path:
+    """The InfU checkpoint a completed stage-1 run exported (its manifest's ``export``)."""
+    manifest = read_manifest(stage1_dir) or {}
+    export = manifest.get("export")
+    if manifest.get("status") != "complete" or not export or not Path(export).is_dir():
+        raise StepError(
+            f"no completed stage-1 export in {stage1_dir}: run the stage1 step first (or set stage2.init)"
+        )
+    return Path(export)
+
+
+def initial_checkpoint(settings: TrainConfig, inputs: dict[str, Path]) -> Path | None:
+    """What training starts from: ``init`` when set, else the export of the stage-1 run the step reads
+    (stage 2), else nothing (fresh from the base)."""
+    if settings.init is not None:
+        return settings.init
+    return stage1_export(inputs["stage1"]) if "stage1" in inputs else None
+
+
 def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
     """Launch the training run of ``step_name`` on Ray Train and return the step's manifest."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -290,17 +308,12 @@ def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
 
     settings: TrainConfig = config.step(step_name)
     inputs = upstream_inputs(config, step_name)
+    # before anything is written: a missing stage-1 export or a dataset that cannot batch fails here
+    init = initial_checkpoint(settings, inputs)
+    data_summary = step_samples(inputs, settings, config.model.projection.embedding_space).summary()
     folders = {name: str(path) for name, path in inputs.items()}
     output = open_step_output(config, step_name, settings, **folders)
     resources = settings.resources
-    samples = TrainingSamples(
-        inputs["filter"],
-        inputs["caption"],
-        settings.data,
-        config.model.projection.embedding_space,
-        settings.global_batch,
-    )
-    data_summary = samples.summary()  # before the workers start: a dataset that cannot batch fails here
     resumed_from = last_checkpoint_step(output.out_dir / CHECKPOINTS_DIR)
     ensure_ray()
     os.environ.setdefault(PRINT_PATCH, "0")  # the patch printed each log line twice
@@ -310,8 +323,8 @@ def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
             "config": config,
             "step": step_name,
             "out_dir": str(output.out_dir),
-            "filter_dir": str(inputs["filter"]),
-            "captions_dir": str(inputs["caption"]),
+            "inputs": folders,
+            "init": str(init) if init else None,
         },
         scaling_config=ScalingConfig(
             num_workers=resources.workers,
@@ -333,6 +346,7 @@ def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
     return output.complete(
         inputs=folders,
         data=data_summary,
+        init=str(init) if init else None,
         export=str(output.out_dir / EXPORT_DIR),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         steps=settings.steps,

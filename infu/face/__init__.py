@@ -16,13 +16,21 @@ from infu.face.base import (
     HeadPose,
     NoFaceError,
     cosine_similarity,
+    face_rows,
     id_loss,
     largest_face,
 )
 from infu.face.config import FaceConfig
 from infu.face.control import KEYPOINT_COLORS, black_control, draw_keypoints_control, resize_and_pad_image
 from infu.face.ray_batch import FaceBatchAnnotator
-from infu.face.recognizer import EMBEDDING_DIMS, EmbeddingSpace, FaceModelsError, Recognizer, load_recognizer
+from infu.face.recognizer import (
+    EMBEDDING_DIMS,
+    SAME_IDENTITY_SIMILARITY,
+    EmbeddingSpace,
+    FaceModelsError,
+    Recognizer,
+    load_recognizer,
+)
 from infu.images import BadImageError
 
 
@@ -40,6 +48,7 @@ def load_face_analyzer(config: FaceConfig) -> FaceAnalyzer:
 __all__ = [
     "ARCFACE_TEMPLATE",
     "EMBEDDING_DIMS",
+    "SAME_IDENTITY_SIMILARITY",
     "KEYPOINT_COLORS",
     "KEYPOINT_NAMES",
     "BadImageError",
@@ -56,6 +65,7 @@ __all__ = [
     "align_face",
     "black_control",
     "cosine_similarity",
+    "face_rows",
     "draw_keypoints_control",
     "id_loss",
     "largest_face",

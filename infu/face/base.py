@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -92,6 +92,21 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
 def id_loss(a: np.ndarray, b: np.ndarray) -> float:
     """ID Loss = 1 - cosine similarity of two identity embeddings (0 = same identity direction)."""
     return 1.0 - cosine_similarity(a, b)
+
+
+def face_rows(faces: Sequence[Face]) -> list[dict[str, Any]]:
+    """Faces as rows of the records' ``faces`` column (:data:`infu.records.FACE_TYPE`)."""
+    return [
+        {
+            "bbox": [float(value) for value in face.bbox],
+            "score": float(face.score),
+            "keypoints": [float(value) for value in np.asarray(face.kps).reshape(-1)],
+            "yaw": face.pose.yaw if face.pose else None,
+            "pitch": face.pose.pitch if face.pose else None,
+            "roll": face.pose.roll if face.pose else None,
+        }
+        for face in faces
+    ]
 
 
 BatchResult = list[Face] | BadImageError

@@ -85,3 +85,13 @@ def load_recognizer(config: FaceConfig) -> Recognizer:
     from infu.face.dlib_backend import DlibRecognizer
 
     return DlibRecognizer(config)
+
+
+SAME_IDENTITY_SIMILARITY = {"dlib": 0.92, "arcface_ir_se50": 0.4, "glintr100": 0.4}
+"""Default cosine similarity at or above which two faces are taken for one person, per embedding space.
+
+dlib: its documented rule is euclidean distance < 0.6 between *raw* descriptors, whose norms measure
+1.35-1.6 (about 1.5); on normalised descriptors that is ``cos > 1 - 0.6**2 / (2 * 1.5**2) = 0.92``.
+Normalised dlib descriptors of different people are far from orthogonal: 0.78-0.93 on the sample corpus
+and LFW photos, same person 0.96-1.0 (see tests/test_identity.py). ArcFace (IR-SE50, antelopev2's
+glintr100): different people sit near 0, the same person typically above 0.4."""

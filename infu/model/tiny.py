@@ -8,10 +8,11 @@ a T5 encoder whose width is the transformer's ``joint_attention_dim``, FLUX.1-de
 from __future__ import annotations
 
 import string
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPTextConfig,
@@ -155,3 +156,24 @@ def tiny_flux_components(joint_attention_dim: int, seed: int = 0) -> dict[str, A
             "tokenizer_2": tokenizer_2,
             "transformer": tiny_transformer(joint_attention_dim=joint_attention_dim),
         }
+
+
+def write_tiny_lora(directory: Path, joint_attention_dim: int, seed: int, rank: int = 4) -> Path:
+    """A seeded random LoRA (attention q/k/v) of the tiny transformer, saved in the diffusers/peft format
+    as ``tiny_lora_<seed>.safetensors`` in ``directory``; returns its path."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = tiny_transformer(joint_attention_dim=joint_attention_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(
+            PeftLoraConfig(
+                r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False
+            )
+        )
+    name = f"tiny_lora_{seed}.safetensors"
+    FluxPipeline.save_lora_weights(
+        directory, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=name
+    )
+    return Path(directory) / name
