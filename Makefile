@@ -50,7 +50,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check infu filtering captioning training datagen flows tests bench
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/mypy captioning/engines
+	$(VENV)/bin/mypy captioning/engines datagen/swap
 
 clean:
 	rm -rf runs .pytest_cache

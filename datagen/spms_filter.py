@@ -65,6 +65,13 @@ def copy_paste_score(
     return float(np.dot(centred[0], centred[1]) / norms) if norms > 0 else 1.0
 
 
+def minimum_similarity(rules: SpmsThresholds, embedding_space: str) -> float:
+    """``min_identity_similarity``, or the face stack's same-person cosine when null."""
+    if rules.min_identity_similarity is not None:
+        return rules.min_identity_similarity
+    return SAME_IDENTITY_SIMILARITY[embedding_space]
+
+
 def decide(
     scores: dict[str, float], rules: SpmsThresholds, min_similarity: float
 ) -> tuple[RejectReason, str] | None:
@@ -147,17 +154,13 @@ class ScorePairStage(Stage):
         self.thresholds = thresholds
         self.face = face
         self.quality = quality
-        self.min_similarity = (
-            thresholds.min_identity_similarity
-            if thresholds.min_identity_similarity is not None
-            else SAME_IDENTITY_SIMILARITY[face.recognizer]
-        )
 
     def setup(self) -> None:
         from infu.quality.scorer import QualityScorer
 
         self.analyzer = load_face_analyzer(self.face)
         self.scorer = QualityScorer(self.quality)
+        self.min_similarity = minimum_similarity(self.thresholds, self.analyzer.embedding_space)
 
     def process(self, items: list[dict[str, Any]]) -> list[StageOutput]:
         scored = [item for item in items if item["synthetic"] is not None]

@@ -8,9 +8,9 @@ One map phase, a synth shard per filter shard:
    gender attribute), a seed, a LoRA set, maybe a pose photo (its keypoints drawn as the control image)
    and, with ``photo_share``, a pose photo as the target instead of a generation. Generations run the
    InfU pipeline of the stage-1 export with the reference's identity embedding.
-3. ``swap`` (GPU for the neural swappers): the reference's face swapped onto the target's largest face
-   and pasted back (:mod:`datagen.swap`); the identity similarity to the reference before and after the
-   swap is recorded. A target without a face is a ``no_face`` row.
+3. ``swap`` (GPU: face analysis and the neural swappers): the reference's face swapped onto the
+   target's largest face and pasted back (:mod:`datagen.swap`); the identity similarity to the
+   reference before and after the swap is recorded. A target without a face is a ``no_face`` row.
 
 Every sample is a pair row (:mod:`infu.pairs`): ``<key>.png`` carries provenance (generator, model
 version, seed, prompt) in its PNG text chunks, ``<key>.ref.<ext>`` the reference's original bytes.
@@ -37,7 +37,7 @@ from infu.draws import draw_seed, stable_uniform
 from infu.face import Face, FaceConfig, cosine_similarity, face_rows, largest_face, load_face_analyzer
 from infu.images import BadImageError, decode_image
 from infu.lineage import upstream_inputs
-from infu.manifest import open_step_output, read_manifest
+from infu.manifest import open_step_output, read_manifest, trained_export
 from infu.model.config import ModelConfig
 from infu.pairs import PAIR_FIELDS, PAIRS, reference_member
 from infu.records import RejectReason, new_record, reject
@@ -247,11 +247,10 @@ class GenerateStage(Stage):
                     "image": None,
                     "error": reference["error"],
                 }
-                if reference["error"] is None:
-                    if as_photo:
-                        sample["image"] = pose["target"]
-                    else:
-                        sample["image"] = self._generate(reference, prompt.text, seed, lora_set, pose)
+                if reference["error"] is None and pose is not None and as_photo:
+                    sample["image"] = pose["target"]
+                elif reference["error"] is None:
+                    sample["image"] = self._generate(reference, prompt.text, seed, lora_set, pose)
                 samples.append(sample)
         return samples
 
@@ -261,16 +260,17 @@ class GenerateStage(Stage):
 
 
 class SwapStage(Stage):
-    """The reference's face onto each target's largest face; the pair row with both identity similarities."""
+    """GPU (face analysis, neural swappers): the reference's face onto each target's largest face; the pair
+    row with both identity similarities."""
 
     name = "swap"
+    uses_gpu = True
     one_to_one = True
 
     def __init__(self, swap: SwapConfig, face: FaceConfig, model_version: str):
         self.swap_config = swap
         self.face = face
         self.model_version = model_version
-        self.uses_gpu = swap.backend != "classical"
 
     def setup(self) -> None:
         self.analyzer = load_face_analyzer(self.face)
@@ -362,15 +362,6 @@ class SwapStage(Stage):
         }
 
 
-def stage1_export(stage1_dir: Path) -> Path:
-    """The InfU checkpoint a completed stage-1 run exported (its manifest's ``export``)."""
-    manifest = read_manifest(stage1_dir) or {}
-    export = manifest.get("export")
-    if manifest.get("status") != "complete" or not export or not Path(export).is_dir():
-        raise StepError(f"no completed stage-1 export in {stage1_dir}: run the stage1 step first")
-    return Path(export)
-
-
 def check_embedding_spaces(filter_dir: Path, config: InfuConfig) -> None:
     """References, the projection and the swap's face stack must share one face embedding space."""
     from infu.face import load_recognizer
@@ -421,7 +412,7 @@ def run_synth(config: InfuConfig) -> dict[str, Any]:
     filter_dir = inputs["filter"]
     if not committed_shards(filter_dir):
         raise StepError(f"no committed shards in {filter_dir}: run the filter step first")
-    export = stage1_export(inputs["stage1"])
+    export = trained_export(inputs["stage1"])
     if settings.pose_photos is not None and not settings.pose_photos.is_dir():
         raise StepError(f"synth.pose_photos {settings.pose_photos} is not a folder")
     check_embedding_spaces(filter_dir, config)

@@ -19,6 +19,7 @@ import infu
 from infu.config import InfuConfig, dump_config, redact_secrets
 from infu.paths import write_atomic
 from infu.shards import STATS_SUFFIX, read_stats
+from infu.steps import StepError
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +148,14 @@ def open_step_output(config: InfuConfig, step: str, section: BaseModel, **inputs
     write_manifest(out_dir, status="running", inputs=inputs, **common)
     write_atomic(out_dir / "_config.yaml", dump_config(config).encode())
     return StepOutput(out_dir, identity, common, time.time())
+
+
+def trained_export(step_dir: Path) -> Path:
+    """The InfU checkpoint a completed training step exported: the folder its manifest's ``export``
+    names, inside ``step_dir`` (so a run folder that was moved or copied still finds its own)."""
+    manifest = read_manifest(step_dir) or {}
+    export = manifest.get("export")
+    folder = Path(step_dir) / Path(export).name if export else None
+    if manifest.get("status") != "complete" or folder is None or not folder.is_dir():
+        raise StepError(f"no completed export in {step_dir}: run the {Path(step_dir).name} step first")
+    return folder

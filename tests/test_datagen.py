@@ -12,10 +12,9 @@ import pytest
 from pydantic import ValidationError
 
 from datagen.config import SpmsThresholds, SynthConfig
-from datagen.spms_filter import copy_paste_score, decide
+from datagen.spms_filter import copy_paste_score, decide, minimum_similarity
 from datagen.synth import read_provenance, run_synth
 from infu.config import load_config
-from infu.face import SAME_IDENTITY_SIMILARITY
 from infu.pairs import read_pair_records, reference_member
 from infu.shards import committed_shards, iter_tar, parquet_paths, shard_name, tar_paths
 
@@ -32,7 +31,7 @@ def test_every_reference_gets_its_samples_and_every_decision_follows_from_the_sc
     assert synth["counts"]["samples"] == spms["counts"]["samples"] == samples
     rows = pair_rows(config.step_dir("spms"))
     rules = config.spms.thresholds
-    minimum = SAME_IDENTITY_SIMILARITY[config.face.recognizer]
+    minimum = minimum_similarity(rules, "dlib")
     synth_rows = {row["key"]: row for row in pair_rows(config.step_dir("synth"))}
     decided = 0
     for row in rows:
@@ -130,6 +129,7 @@ def test_synth_config_errors_name_the_setting():
         SynthConfig.model_validate({"lora_sets": [{"name": "a"}, {"name": "a"}]})
 
 
+@pytest.mark.slow
 def test_a_killed_synthesis_resumes_to_the_same_rows(spms_pairs, tmp_path):
     """The synth job SIGKILLed once two filter shards are done while the third's records hang unread (a
     FIFO nobody writes to), then rerun with the file back: its rows equal the uninterrupted run's."""

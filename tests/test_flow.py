@@ -70,23 +70,26 @@ def assert_captioned(run_dir: Path, kept: int = FILTERED_OUTCOMES["ok"]) -> None
     assert len(rows) == kept and all(row["attribute"] for row in rows.values())
 
 
-def assert_trained(run_dir: Path, steps: int) -> None:
-    manifest = json.loads((run_dir / "stage1" / "_manifest.json").read_text())
+def assert_trained(run_dir: Path, steps: int, step: str = "stage1") -> None:
+    manifest = json.loads((run_dir / step / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["steps"] == steps
     assert (Path(manifest["export"]) / "infu_flux_v1.0" / "aes_stage2" / "InfuseNetModel").is_dir()
 
 
 def assert_paired(run_dir: Path) -> None:
-    """One synthesis row per kept portrait (one sample each), every one decided by the SPMS filter."""
+    """Two synthesis rows per kept portrait, every one decided by the SPMS filter; stage 2 trained on them."""
     synth, spms = (json.loads((run_dir / step / "_manifest.json").read_text()) for step in ("synth", "spms"))
     assert synth["status"] == spms["status"] == "complete"
-    assert synth["counts"]["samples"] == spms["counts"]["samples"] == 10
+    assert synth["counts"]["samples"] == spms["counts"]["samples"] == 20
+    assert_trained(run_dir, steps=2, step="stage2")
 
 
 def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     ray.shutdown()
     short_training = ["--set", "stage1.steps=4", "--set", "stage1.checkpoint.every=2"]
-    short_training += ["--set", "synth.samples_per_reference=1"]
+    short_training += ["--set", "synth.samples_per_reference=2", "--set", "stage2.steps=2"]
+    short_training += ["--set", "stage2.global_batch=2", "--set", "stage2.data.micro_batch=1"]
+    short_training += ["--set", "stage2.validation.every=null", "--set", "stage2.checkpoint.every=2"]
     command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path)]
     result = run([*command, *short_training])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -104,6 +107,7 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
         "ingest",
         "spms",
         "stage1",
+        "stage2",
         "synth",
     ]
     assert_captioned(tmp_path)
@@ -209,10 +213,18 @@ def test_the_output_folder_decides_what_runs_on_a_persistent_cluster(ray_head, t
     trained = submit_step(ray_head, "stage1", submitted, *source, *(f"--set={item}" for item in two_samples))
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert_trained(submitted, steps=2)
+    pairs = [*two_samples, "synth.samples_per_reference=1", f"synth.pose_photos={tmp_path / 'photos'}"]
+    for step in ("synth", "spms"):
+        done = submit_step(ray_head, step, submitted, *source, *(f"--set={item}" for item in pairs))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    spms = json.loads((submitted / "spms" / "_manifest.json").read_text())
+    assert spms["status"] == "complete" and spms["counts"]["samples"] == 2
 
     def infu_run(*overrides: str) -> str:
         command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path / "flow")]
-        command += ["--set", "stage1=null"]  # lineage of the data steps; training is submitted above
+        # Lineage of the data steps; training and synthesis are submitted above.
+        for step in ("stage1", "synth", "spms", "stage2"):
+            command += ["--set", f"{step}=null"]
         done = run([*command, *source, "--set", f"run.ray_address={ray_head}", *overrides])
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout + done.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from PIL import Image, ImageOps
 
 from infu.config import ConfigError, load_config
 from infu.lineage import upstream_inputs
-from infu.manifest import read_manifest
+from infu.manifest import trained_export
 from infu.model.factory import build_pipeline, load_infu
 from infu.model.infu import InfU
 from infu.pairs import read_pair_records, read_reference
@@ -57,9 +56,7 @@ def test_stage1_only_data_settings_are_refused_in_stage2(override, message):
 
 def test_stage2_starts_from_an_explicit_init_or_else_needs_a_completed_stage1(tmp_path):
     config = load_config(EMBEDDED, [f"run.run_dir={tmp_path}"])
-    with pytest.raises(
-        StepError, match=f"no completed stage-1 export in {tmp_path / 'stage1'}: run the stage1"
-    ):
+    with pytest.raises(StepError, match=f"no completed export in {tmp_path / 'stage1'}: run the stage1 step"):
         run_training(config, "stage2")
     assert not (tmp_path / "stage2").exists(), "refused before anything is written"
     explicit = PairTrainConfig(init=tmp_path / "elsewhere", global_batch=4, data={"micro_batch": 2})
@@ -156,12 +153,10 @@ def test_a_short_stage2_run_starts_from_the_stage1_export_and_exports_in_the_rel
     pair_run, pair_samples
 ):
     config, _ = pair_run
-    started = time.monotonic()
     with ray_unless_running():
         manifest = run_training(config, "stage2")
-    seconds = time.monotonic() - started
     out_dir = config.step_dir("stage2")
-    stage1_export = Path(read_manifest(config.step_dir("stage1"))["export"])
+    stage1_export = trained_export(config.step_dir("stage1"))  # this run folder's, not the copied manifest's
     assert manifest["status"] == "complete" and manifest["steps"] == RUN_STEPS
     assert manifest["inputs"] == {name: str(config.step_dir(name)) for name in ("stage1", "spms")}
     assert manifest["init"] == str(stage1_export)
@@ -189,4 +184,3 @@ def test_a_short_stage2_run_starts_from_the_stage1_export_and_exports_in_the_rel
     # each step moves a weight by about lr: the run started from the stage-1 export, not from the base
     assert 0 < largest_change(initial, trained) < 10 * RUN_STEPS * TINY_LR
     assert largest_change(fresh, initial) > 1e-5, "stage 1 moved the weights far more than that"
-    assert seconds < 90, seconds

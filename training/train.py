@@ -31,10 +31,9 @@ import torch.distributed as dist
 from infu.config import InfuConfig
 from infu.draws import draw_seed
 from infu.lineage import upstream_inputs
-from infu.manifest import open_step_output, read_manifest
+from infu.manifest import open_step_output, trained_export
 from infu.model.config import LATENT_PIXEL_MULTIPLE
 from infu.quality.torch_utils import TORCH_DTYPES
-from infu.steps import StepError
 from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
 from training.config import TrainConfig, ValidationConfig
 from training.data import step_samples, worker_batches
@@ -280,23 +279,12 @@ def run_stage2(config: InfuConfig) -> dict[str, Any]:
     return run_training(config, "stage2")
 
 
-def stage1_export(stage1_dir: Path) -> Path:
-    """The InfU checkpoint a completed stage-1 run exported (its manifest's ``export``)."""
-    manifest = read_manifest(stage1_dir) or {}
-    export = manifest.get("export")
-    if manifest.get("status") != "complete" or not export or not Path(export).is_dir():
-        raise StepError(
-            f"no completed stage-1 export in {stage1_dir}: run the stage1 step first (or set stage2.init)"
-        )
-    return Path(export)
-
-
 def initial_checkpoint(settings: TrainConfig, inputs: dict[str, Path]) -> Path | None:
     """What training starts from: ``init`` when set, else the export of the stage-1 run the step reads
     (stage 2), else nothing (fresh from the base)."""
     if settings.init is not None:
         return settings.init
-    return stage1_export(inputs["stage1"]) if "stage1" in inputs else None
+    return trained_export(inputs["stage1"]) if "stage1" in inputs else None
 
 
 def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
