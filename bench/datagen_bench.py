@@ -32,13 +32,11 @@ from typing import Any
 
 import numpy as np
 import ray
-from corpus import corpus_copies
 from PIL import Image, ImageOps
 
+# What the spawned loop processes import again (as __mp_main__): no more than a synth worker needs; the
+# setup's imports (corpus, ingest, filter) are local to it.
 from datagen.synth import run_synth, synth_phase
-from filtering.dedup import hamming, phash
-from filtering.filter import run_filter
-from filtering.ingest import run_ingest
 from infu.config import InfuConfig, load_config
 from infu.manifest import open_step_output, read_manifest
 from infu.raycluster import start_local_ray
@@ -61,21 +59,21 @@ def framed(photo: Image.Image, seed: int) -> Image.Image:
     return canvas
 
 
-def distinct_copies(images: Path, max_distance: int) -> None:
+def distinct_copies(images: Path, copies: int, max_distance: int) -> None:
     """Frame every copy after the first (``corpus_copies`` names them ``<copy>_<name>``) until its pHash is
     more than ``max_distance`` (+ a margin) from the original's and every other copy's: exact copies would
     all be the filter's ``duplicate`` rejects, and the synth step reads kept portraits only."""
-    originals = sorted(path for path in images.iterdir() if path.name.startswith("0_"))
-    for original in originals:
+    from filtering.dedup import hamming, phash
+
+    for original in sorted(images.glob("0_*")):
+        name = original.name.removeprefix("0_")
         with Image.open(original) as image:
             photo = ImageOps.exif_transpose(image).convert("RGB")
         hashes = [phash(photo)]
         seed = 0
-        for copy in sorted(images.glob(f"*_{original.name[2:]}")):
-            if copy == original:
-                continue
-            copy.unlink()
-            target = copy.with_suffix(".jpg")
+        for copy in range(1, copies):
+            (images / f"{copy}_{name}").unlink()
+            target = images / f"{copy}_{Path(name).stem}.jpg"
             while True:
                 seed += 1
                 framed(photo, seed).save(target, quality=95)
@@ -109,6 +107,22 @@ def write_stage1_export(config: InfuConfig) -> dict[str, Any]:
     return output.complete(
         export=str(output.out_dir / EXPORT_DIR), steps=0, counts={"steps": 0, "samples_seen": 0}
     )
+
+
+def prepare(config: InfuConfig, work: Path, copies: int) -> int:
+    """The synth step's inputs in ``work``: the corpus copies ingested and filtered, and a stage-1 export;
+    returns the number of references (kept portraits)."""
+    from corpus import corpus_copies
+
+    from filtering.filter import run_filter
+    from filtering.ingest import run_ingest
+
+    images = corpus_copies(work, copies)
+    distinct_copies(images, copies, config.step("filter").thresholds.max_phash_distance)
+    run_ingest(config)
+    references = run_filter(config)["counts"]["ok"]
+    write_stage1_export(config)
+    return references
 
 
 def loop_worker(config: InfuConfig, shards: list[str], samples: Any) -> None:
@@ -209,8 +223,8 @@ def main() -> None:
         "--keep-rate",
         type=float,
         default=0.5,
-        help="share of generated samples the SPMS filter keeps at scale: an ASSUMPTION (the paper gives "
-        "no rate; the tiny model's says nothing)",
+        help="share of generated samples the SPMS filter keeps at scale: an ASSUMPTION (no measured or "
+        "published rate is at hand; the tiny model's says nothing)",
     )
     parser.add_argument(
         "--gpu-seconds-per-image",
@@ -252,11 +266,7 @@ def main() -> None:
             f"synth.resources.concurrency={args.concurrency}",
         ]
         config = load_config(ROOT / "configs" / "embedded.yaml", overrides)
-        images = corpus_copies(work, args.copies)
-        distinct_copies(images, config.step("filter").thresholds.max_phash_distance)
-        run_ingest(config)
-        references = run_filter(config)["counts"]["ok"]
-        write_stage1_export(config)
+        references = prepare(config, work, args.copies)
 
         loop_times, job_times = [], []
         for _ in range(args.rounds):
@@ -307,14 +317,18 @@ def main() -> None:
     per_sample = generation + args.overhead_seconds_per_image
     hours = to_generate * per_sample / 3600
     print(
-        f"2M kept SPMS pairs at keep rate {args.keep_rate:.2f} (ASSUMED, --keep-rate; the paper states none):"
+        f"2M kept SPMS pairs at keep rate {args.keep_rate:.2f} (ASSUMED, --keep-rate: not a measured"
+        " or published rate):"
         f" {to_generate / 1e6:.1f}M samples to generate"
     )
     print(
         f"  per sample: {generation:.1f} GPU-s generation at {PAPER_SIDE}x{PAPER_SIDE}, {PAPER_STEPS} steps"
         f" ({source}) + {args.overhead_seconds_per_image:.2f} GPU-s swap and SPMS filter (ASSUMED)"
     )
-    print(f"  {hours:,.0f} GPU-hours; {hours / 24 / args.gpus:.1f} days on {args.gpus} GPUs")
+    print(
+        f"  {hours:,.0f} GPU-hours; {hours / 24 / args.gpus:.1f} days on {args.gpus} GPUs (GPU time only,"
+        " perfect scaling)"
+    )
 
 
 if __name__ == "__main__":
