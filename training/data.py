@@ -34,6 +34,7 @@ import functools
 import queue
 import random
 import threading
+from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-class PlannedSamples:
+class PlannedSamples(ABC):
     """Kept samples with a face embedding in the committed shards of ``shards_dir``, the deterministic
     batch plan over them, and their loading; a subclass says where a sample's caption and identity
     embedding come from."""
@@ -125,17 +126,17 @@ class PlannedSamples:
 
     # what a source defines ----------------------------------------------------------------------------
 
+    @abstractmethod
     def read_records(self, path: Path) -> list[dict[str, Any]]:
         """The rows of one shard's Parquet file."""
-        raise NotImplementedError
 
+    @abstractmethod
     def identity_embedding(self, record: dict[str, Any]) -> list[float]:
         """The identity embedding a row gives to the samples it is the reference of."""
-        raise NotImplementedError
 
+    @abstractmethod
     def caption(self, ref: SampleRef, record: dict[str, Any], epoch: int) -> str:
         """The caption ``ref`` trains with in ``epoch``."""
-        raise NotImplementedError
 
     def reference_of(self, ref: SampleRef, epoch: int) -> SampleRef:
         """The sample whose row gives ``ref``'s identity embedding: itself."""
