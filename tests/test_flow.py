@@ -213,12 +213,17 @@ def test_the_output_folder_decides_what_runs_on_a_persistent_cluster(ray_head, t
     trained = submit_step(ray_head, "stage1", submitted, *source, *(f"--set={item}" for item in two_samples))
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert_trained(submitted, steps=2)
-    pairs = [*two_samples, "synth.samples_per_reference=1", f"synth.pose_photos={tmp_path / 'photos'}"]
-    for step in ("synth", "spms"):
+    # Every target a pose photo, every pair kept: enough pairs for a stage-2 batch of 2.
+    pairs = [*two_samples, "synth.samples_per_reference=2", "synth.photo_share=1.0"]
+    pairs += [f"synth.pose_photos={tmp_path / 'photos'}", "spms.thresholds.min_identity_similarity=-1"]
+    pairs += ["spms.thresholds.max_copy_paste=1", "stage2.steps=2", "stage2.global_batch=2"]
+    pairs += ["stage2.data.micro_batch=1", "stage2.validation.every=null"]
+    for step in ("synth", "spms", "stage2"):
         done = submit_step(ray_head, step, submitted, *source, *(f"--set={item}" for item in pairs))
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     spms = json.loads((submitted / "spms" / "_manifest.json").read_text())
-    assert spms["status"] == "complete" and spms["counts"]["samples"] == 2
+    assert spms["status"] == "complete" and spms["counts"]["samples"] == 4 and spms["counts"]["ok"] >= 2
+    assert_trained(submitted, steps=2, step="stage2")
 
     def infu_run(*overrides: str) -> str:
         command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path / "flow")]

@@ -184,3 +184,9 @@ def test_a_short_stage2_run_starts_from_the_stage1_export_and_exports_in_the_rel
     # each step moves a weight by about lr: the run started from the stage-1 export, not from the base
     assert 0 < largest_change(initial, trained) < 10 * RUN_STEPS * TINY_LR
     assert largest_change(fresh, initial) > 1e-5, "stage 1 moved the weights far more than that"
+    from infu.model.cli import generate
+
+    photo = Path(pytest.importorskip("skimage.data").__file__).parent / "astronaut.png"
+    generating = load_config(EMBEDDED, [f"model.infu_model={export}"])
+    written = generate(generating, [photo], "a portrait", config.run.run_dir / "generated.png", seed=0)
+    assert Image.open(written).size == (96, 128)  # the export loads in `infu generate`
