@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -141,18 +142,20 @@ def ray_head():
     )
     assert started.returncode == 0, started.stderr[-3000:]
     yield f"http://127.0.0.1:{dashboard}"
-    stop_processes_mentioning(temp_dir, f":{gcs}")  # the client server names only the GCS address
+    # The client server names only the GCS address: its port, not a longer number starting with it.
+    stop_processes_mentioning(re.escape(temp_dir), rf":{gcs}(?!\d)")
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def stop_processes_mentioning(*markers: str) -> None:
-    """SIGTERM (then SIGKILL) the processes whose command line contains one of ``markers``, and their
-    descendants (Ray workers retitle themselves ``ray::...``, but are children of the raylet)."""
+def stop_processes_mentioning(*patterns: str) -> None:
+    """SIGTERM (then SIGKILL) the processes whose command line matches one of the regular expressions
+    ``patterns``, and their descendants (Ray workers retitle themselves ``ray::...``, but are children of
+    the raylet)."""
     roots = [
         process
         for process in psutil.process_iter(["cmdline"])
         if process.pid != os.getpid()
-        and any(marker in " ".join(process.info["cmdline"] or []) for marker in markers)
+        and any(re.search(pattern, " ".join(process.info["cmdline"] or [])) for pattern in patterns)
     ]
     processes = {*roots}
     for root in roots:

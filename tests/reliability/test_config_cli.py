@@ -67,7 +67,8 @@ def test_identities_are_equal_from_two_working_directories(tmp_path, monkeypatch
     elsewhere = infu("config", "validate", str(EMBEDDED))
     assert from_root.exit_code == elsewhere.exit_code == 0, elsewhere.output
     assert f"run dir {tmp_path / 'runs' / 'embedded'}" in elsewhere.output
-    assert set(identities(elsewhere.output)) == {"ingest", "filter", "caption", "stage1"}
+    steps = {"ingest", "filter", "caption", "stage1", "synth", "spms", "stage2"}
+    assert set(identities(elsewhere.output)) == steps
     assert identities(elsewhere.output) == identities(from_root.output)
 
 
