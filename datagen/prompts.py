@@ -14,7 +14,7 @@ import json
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -239,10 +239,11 @@ def gender_of(attributes: dict[str, str] | None) -> Gender:
     return "unknown"
 
 
-def axis_distribution(prompts: Iterable[SampledPrompt]) -> dict[str, dict[str, int]]:
-    """How often each value of each axis was drawn: axis -> value -> count, both sorted."""
+def axis_distribution(drawn: Iterable[Mapping[str, str]]) -> dict[str, dict[str, int]]:
+    """How often each value of each axis was drawn (``drawn``: the prompts' ``axes``): axis -> value ->
+    count, both sorted."""
     counts: dict[str, Counter[str]] = {}
-    for prompt in prompts:
-        for axis, value in prompt.axes.items():
+    for axes in drawn:
+        for axis, value in axes.items():
             counts.setdefault(axis, Counter())[value] += 1
     return {axis: dict(sorted(counts[axis].items())) for axis in sorted(counts)}

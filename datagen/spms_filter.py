@@ -39,7 +39,7 @@ from infu.pairs import PAIRS, read_pair_records, read_reference, reference_membe
 from infu.quality.config import QualityConfig
 from infu.records import RejectReason, Status, reject
 from infu.runner import Phase, Stage, StageOutput, run_phase, shard_tasks, stage
-from infu.shards import InputImages, TarReader, committed_shards
+from infu.shards import InputImages, committed_shards
 from infu.steps import StepError
 
 STEP = "spms"
@@ -122,7 +122,6 @@ class DecodePairStage(Stage):
     def __init__(self, max_pixels: int = 40_000_000):
         self.max_pixels = max_pixels
         self.images = InputImages()
-        self.tar: TarReader | None = None
 
     def process(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         decoded = []
@@ -130,10 +129,8 @@ class DecodePairStage(Stage):
             record = dict(item["record"])
             pair: dict[str, Any] = {"record": record, "synthetic": None, "reference": None}
             if record["status"] == Status.OK:
-                if self.tar is None or str(self.tar.path) != item["tar"]:
-                    self.tar = TarReader(Path(item["tar"]))
                 pair["synthetic_bytes"] = self.images.read(item)
-                pair["reference_bytes"] = read_reference(self.tar, record)
+                pair["reference_bytes"] = read_reference(self.images.tar(item), record)
                 try:
                     pair["synthetic"] = np.asarray(decode_image(pair["synthetic_bytes"], self.max_pixels))
                     pair["reference"] = np.asarray(decode_image(pair["reference_bytes"], self.max_pixels))
@@ -212,14 +209,12 @@ class ScorePairStage(Stage):
 
 def check_embedding_space(synth_dir: Path, face: FaceConfig) -> None:
     """The references' embeddings (the synthesis' face stack) and this step's must be in one space."""
-    from infu.face import load_recognizer
-
     spaces = set()
     for path in [synth_dir / f"{name}.parquet" for name in committed_shards(synth_dir)]:
         spaces |= {
             row["face_embedding_space"] for row in read_pair_records(path) if row["face_embedding_space"]
         }
-    ours = load_recognizer(face).embedding_space
+    ours = face.recognizer  # each recognizer is its own embedding space
     if spaces - {ours}:
         raise StepError(
             f"the pairs in {synth_dir} have {sorted(spaces)} face embeddings but this run's face.recognizer "

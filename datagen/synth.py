@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
 from datagen.config import LoraSet, SynthConfig, pose_photo_files
-from datagen.prompts import PromptBank, PromptSampler, gender_of
+from datagen.prompts import PromptBank, PromptSampler, axis_distribution, gender_of
 from datagen.swap import build_swapper
 from datagen.swap.config import SwapConfig
 from infu.config import InfuConfig
@@ -39,10 +39,10 @@ from infu.images import BadImageError, decode_image
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, read_manifest, trained_export
 from infu.model.config import ModelConfig
-from infu.pairs import PAIR_FIELDS, PAIRS, reference_member
+from infu.pairs import PAIR_FIELDS, PAIRS, read_pair_records, reference_member
 from infu.records import RejectReason, new_record, reject
 from infu.runner import Phase, Stage, StageOutput, run_phase, shard_tasks, stage
-from infu.shards import InputImages, committed_shards, read_parquet_records
+from infu.shards import InputImages, committed_shards, parquet_paths, read_parquet_records
 from infu.steps import StepError
 
 STEP = "synth"
@@ -364,14 +364,12 @@ class SwapStage(Stage):
 
 def check_embedding_spaces(filter_dir: Path, config: InfuConfig) -> None:
     """References, the projection and the swap's face stack must share one face embedding space."""
-    from infu.face import load_recognizer
-
     spaces = {
         "the filter's references (its face.recognizer)": (read_manifest(filter_dir) or {}).get(
             "embedding_space"
         ),
         "model.projection.embedding_space": config.model.projection.embedding_space,
-        "this run's face.recognizer": load_recognizer(config.face).embedding_space,
+        "this run's face.recognizer": config.face.recognizer,  # each recognizer is its own space
     }
     if len(set(spaces.values())) != 1:
         described = ", ".join(f"{name}: {space}" for name, space in spaces.items())
@@ -430,12 +428,5 @@ def run_synth(config: InfuConfig) -> dict[str, Any]:
 
 def prompt_axes(out_dir: Path) -> dict[str, dict[str, int]]:
     """How often each value of each prompt axis was drawn, over every pair row written."""
-    from infu.pairs import read_pair_records
-    from infu.shards import parquet_paths
-
-    counts: dict[str, dict[str, int]] = {}
-    for path in parquet_paths(out_dir):
-        for row in read_pair_records(path):
-            for axis, value in (row["prompt_axes"] or {}).items():
-                counts.setdefault(axis, {})[value] = counts.setdefault(axis, {}).get(value, 0) + 1
-    return {axis: dict(sorted(values.items())) for axis, values in sorted(counts.items())}
+    rows = (row for path in parquet_paths(out_dir) for row in read_pair_records(path))
+    return axis_distribution(row["prompt_axes"] or {} for row in rows)

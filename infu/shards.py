@@ -263,11 +263,15 @@ class InputImages:
     def __init__(self) -> None:
         self._tar: TarReader | None = None
 
-    def read(self, item: dict[str, Any]) -> bytes:
+    def tar(self, item: dict[str, Any]) -> TarReader:
+        """The index of ``item``'s shard tar (kept while items come from the same shard)."""
         if self._tar is None or str(self._tar.path) != item["tar"]:
             self._tar = TarReader(Path(item["tar"]))
+        return self._tar
+
+    def read(self, item: dict[str, Any]) -> bytes:
         record = item["record"]
-        return self._tar.read(f"{record['key']}.{extension_for_mime(record['mime'])}")
+        return self.tar(item).read(f"{record['key']}.{extension_for_mime(record['mime'])}")
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ def test_every_value_is_drawn_about_uniformly(
     bank: PromptBank, samples: dict[str, list[SampledPrompt]], gender: Gender
 ) -> None:
     """Pearson's statistic over each axis' values stays under chi2(k - 1)'s upper 1e-4 quantile."""
-    distribution = axis_distribution(samples[gender])
+    distribution = axis_distribution(prompt.axes for prompt in samples[gender])
     for axis in bank.axes:
         values = bank.choices(axis, gender)
         counts = distribution[axis]
@@ -223,7 +223,7 @@ def test_every_value_is_drawn_about_uniformly(
 
 def test_axis_distribution_counts_per_axis_sorted(samples: dict[str, list[SampledPrompt]]) -> None:
     prompts = samples["male"][:300]
-    distribution = axis_distribution(prompts)
+    distribution = axis_distribution(prompt.axes for prompt in prompts)
     assert list(distribution) == sorted(distribution)
     for axis, counts in distribution.items():
         assert list(counts) == sorted(counts)
