@@ -48,7 +48,7 @@ bench: $(STAMP)
 	for script in bench/*_bench.py; do $(VENV)/bin/python $$script || exit 1; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check infu filtering captioning training datagen flows tests bench
+	$(VENV)/bin/ruff check infu filtering captioning training datagen eval flows tests bench
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy captioning/engines datagen/swap
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import ray
 from corpus import corpus_copies
 
-from filtering.filter import DecodeStage, ScoreStage, read_input_shard, with_identity_threshold
+from filtering.filter import ScoreStage, read_input_shard, with_identity_threshold
 from filtering.ingest import run_ingest
 from infu.config import InfuConfig, load_config
 from infu.raycluster import start_local_ray
 from infu.records import new_record
-from infu.runner import Phase, batched, run_phase, shard_tasks, stage
+from infu.runner import DecodeStage, Phase, batched, run_phase, shard_tasks, stage
 from infu.shards import ShardWriter, committed_shards, iter_samples, read_records
 
 ROOT = Path(__file__).resolve().parents[1]

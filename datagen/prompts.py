@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
+from infu.config import load_yaml_model
 from infu.draws import draw_seed
 
 DEFAULT_BANK = Path(__file__).with_name("prompt_bank.yaml")
@@ -110,14 +110,7 @@ class PromptBank(_Strict):
     @classmethod
     def load(cls, path: str | Path | None = None) -> PromptBank:
         """The bank in ``path`` (default: the packaged ``prompt_bank.yaml``); errors name the file."""
-        source = Path(path) if path is not None else DEFAULT_BANK
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"prompt bank {source}: expected a mapping, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as error:
-            raise ValueError(f"prompt bank {source} is invalid: {error}") from error
+        return load_yaml_model(cls, Path(path) if path is not None else DEFAULT_BANK, "prompt bank")
 
     def choices(self, axis: str, gender: Gender) -> list[str]:
         """The values ``axis`` draws from for ``gender`` (a gendered axis: ``any`` plus the gender's)."""

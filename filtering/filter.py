@@ -33,20 +33,20 @@ from filtering.global_phase import compute_global_decisions
 from filtering.identity import HeldOutIdentities
 from infu.config import InfuConfig
 from infu.face import SAME_IDENTITY_SIMILARITY, Face, FaceAnalyzer, FaceConfig, face_rows, load_face_analyzer
-from infu.images import BadImageError, decode_image, extension_for_mime
+from infu.identities import identity_photos
+from infu.images import extension_for_mime
 from infu.index import DatasetIndex
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, summarize
 from infu.quality.config import QualityConfig
 from infu.records import RejectReason, Status, reject
-from infu.runner import Phase, Stage, StageOutput, run_phase, run_reduce, shard_tasks, stage
+from infu.runner import DecodeStage, Phase, Stage, StageOutput, run_phase, run_reduce, shard_tasks, stage
 from infu.shards import InputImages, committed_shards, read_parquet_records, read_stats
 from infu.steps import StepError
 
 STEP = "filter"
 SCORED = "_scored"
 GLOBAL = "_global"
-IMAGE_EXTENSIONS = ("*.jpg", "*.jpeg", "*.png", "*.webp")
 
 
 def face_sharpness(rgb: np.ndarray, face: Face, size: int = 128) -> float:
@@ -143,14 +143,6 @@ def decide(scores: dict[str, float], rules: FilterThresholds) -> tuple[RejectRea
     return None
 
 
-def _held_out_folders(root: Path) -> dict[str, list[Path]]:
-    return {
-        folder.name: sorted(path for pattern in IMAGE_EXTENSIONS for path in folder.glob(pattern))
-        for folder in sorted(root.iterdir())
-        if folder.is_dir()
-    }
-
-
 def read_input_shard(ref: dict[str, Any]) -> list[dict[str, Any]]:
     """A shard's records (+ the tar holding their bytes), with its global decisions applied when given."""
     records = read_parquet_records(Path(ref["records"]))
@@ -162,29 +154,6 @@ def read_input_shard(ref: dict[str, Any]) -> list[dict[str, Any]]:
             if decision.get("reject_reason") and record["status"] == Status.OK:
                 reject(record, decision["reject_reason"], decision["reject_detail"])
     return [{"record": record, "tar": ref["tar"]} for record in records]
-
-
-class DecodeStage(Stage):
-    """CPU: the original bytes of each still-kept record, decoded to RGB (a bad image is rejected)."""
-
-    name = "decode"
-    one_to_one = True
-
-    def __init__(self, max_pixels: int):
-        self.max_pixels = max_pixels
-        self.images = InputImages()
-
-    def process(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        decoded = []
-        for item in items:
-            record, rgb = dict(item["record"]), None
-            if record["status"] == Status.OK:
-                try:
-                    rgb = np.asarray(decode_image(self.images.read(item), self.max_pixels))
-                except BadImageError as error:
-                    reject(record, error.reason, error.detail)
-            decoded.append({"record": record, "rgb": rgb})
-        return decoded
 
 
 class ScoreStage(Stage):
@@ -212,7 +181,7 @@ class ScoreStage(Stage):
         self.scorer = QualityScorer(self.quality_config)
         if self.config.held_out_identities is not None:
             self.held_out = HeldOutIdentities.from_images(
-                self.analyzer, _held_out_folders(self.config.held_out_identities)
+                self.analyzer, identity_photos(self.config.held_out_identities)
             )
 
     def process(self, items: list[dict[str, Any]]) -> list[StageOutput]:

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
@@ -21,6 +21,8 @@ from infu.face.config import FaceConfig
 from infu.model.config import ModelConfig
 from infu.paths import ResolvedPath
 from infu.quality.config import QualityConfig
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -218,6 +220,18 @@ def _file_run_dir(data: dict[str, Any]) -> Path | None:
         return TypeAdapter(ResolvedPath).validate_python(raw)
     except ValidationError:
         return None  # reported by the validation of the whole file
+
+
+def load_yaml_model(model: type[ModelT], source: Path, what: str) -> ModelT:
+    """A strict pydantic ``model`` read from the YAML file ``source`` (a packaged definition: prompt bank,
+    benchmark); a ``ValueError`` naming ``what`` and the file otherwise."""
+    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {source}: expected a mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(f"{what} {source} is invalid: {error}") from error
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> InfuConfig:

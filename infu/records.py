@@ -53,6 +53,7 @@ class RejectReason(StrEnum):
     LOW_IDENTITY_SIMILARITY = "low_identity_similarity"
     COPY_PASTE = "copy_paste"
     GENERATION_FAILED = "generation_failed"
+    MISSING_IMAGE = "missing_image"
 
 
 FACE_TYPE = pa.struct(

@@ -39,14 +39,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from infu.config import Resources
+from infu.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from infu.paths import write_atomic
 from infu.raycluster import ensure_ray
+from infu.records import Status, reject
 from infu.shards import (
     RECORDS,
     TMP_DIR,
+    InputImages,
     ShardTable,
     ShardWriter,
     clean_uncommitted,
@@ -115,6 +119,30 @@ class Stage(ABC):
 
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release what :meth:`setup` acquired; called when the worker's pool shuts down."""
+
+
+class DecodeStage(Stage):
+    """CPU: the original bytes of each still-kept record (items ``{"record", "tar"}``), decoded to an RGB
+    array (``rgb``; a bad image rejects its record)."""
+
+    name = "decode"
+    one_to_one = True
+
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.max_pixels = max_pixels
+        self.images = InputImages()
+
+    def process(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        decoded = []
+        for item in items:
+            record, rgb = dict(item["record"]), None
+            if record["status"] == Status.OK:
+                try:
+                    rgb = np.asarray(decode_image(self.images.read(item), self.max_pixels))
+                except BadImageError as error:
+                    reject(record, error.reason, error.detail)
+            decoded.append({"record": record, "rgb": rgb})
+        return decoded
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,12 @@ GROUP_FACES = [
 ]
 ASTRONAUT_HEAD = (96, 0, 352, 300)
 CAPTIONS = [
-    "a smiling man in a dark suit, portrait photo",
-    "a young man with short hair looking at the camera",
-    "a man with glasses smiling, indoor portrait",
-    "a woman with dark hair smiling, close-up portrait",
-    "a man in a light shirt, head and shoulders photo",
-    "a smiling man with short dark hair, portrait",
+    "a smiling woman with long blond hair holding playing cards, portrait photo",
+    "a woman with dark hair looking down, close-up portrait",
+    "a smiling man with short dark hair in a dark shirt, portrait",
+    "a laughing man in a red shirt holding a poker chip",
+    "a man with short dark hair looking to the side, head and shoulders photo",
+    "a smiling woman with blond hair, close-up portrait",
 ]
 
 

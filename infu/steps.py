@@ -58,6 +58,9 @@ class StepSpec:
     help: str = ""
     command: str = ""
     """Its command in ``python -m <package> <command>`` when not its name (``datagen filter`` is ``spms``)."""
+    feeds: tuple[str, ...] = ()
+    """Steps that read its output when it is there (an optional input, never part of their identity): it
+    runs before them."""
 
     def job_arguments(self) -> list[str]:
         """``["-m", package, command]``: what follows ``python`` in the step's Ray job entrypoint."""
@@ -82,6 +85,7 @@ def registry() -> dict[str, StepSpec]:
             raise TypeError(f"step {spec.name} is registered twice")
         specs[spec.name] = spec
     ordered: dict[str, StepSpec] = {}
+    fed_by = {name: [other for other, spec in specs.items() if name in spec.feeds] for name in specs}
 
     def visit(name: str, path: tuple[str, ...]) -> None:
         if name in ordered:
@@ -90,7 +94,7 @@ def registry() -> dict[str, StepSpec]:
             raise TypeError(f"steps depend on each other in a cycle: {' -> '.join((*path, name))}")
         if name not in specs:
             raise TypeError(f"step {path[-1]} reads the output of {name}, which no package registers")
-        for upstream in specs[name].upstream:
+        for upstream in (*specs[name].upstream, *sorted(fed_by[name])):
             visit(upstream, (*path, name))
         ordered[name] = specs[name]
 

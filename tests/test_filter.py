@@ -164,7 +164,9 @@ def test_every_corpus_variant_gets_its_expected_decision(filtered_corpus):
     assert {"aesthetic", "nsfw", "watermark", "sharpness", "yaw", "face_area_ratio"} <= set(kept["scores"])
     assert kept["bucket_width"] % 64 == 0 and kept["bucket_height"] % 64 == 0
     assert kept["phash"] is not None and kept["identity_cluster"].startswith("sample-")
-    assert kept["captions"] == {"original": "a smiling man in a dark suit, portrait photo"}
+    assert kept["captions"] == {
+        "original": "a smiling woman with long blond hair holding playing cards, portrait photo"
+    }
     assert records["variants/two_people.jpg"]["scores"]["face_count"] == 2
     assert (
         records["variants/grayscale.jpg"]["identity_cluster"]

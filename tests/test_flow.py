@@ -51,6 +51,8 @@ def in_run_dir(run_dir: Path) -> list[str]:
     return ["--set", f"run.run_dir={run_dir}", "--set", f"ingest.source.path={corpus}"] + [
         "--set",
         f"synth.pose_photos={corpus / 'people'}",
+        "--set",
+        f"benchmark.identities={corpus}",
     ]
 
 
@@ -77,6 +79,16 @@ def assert_trained(run_dir: Path, steps: int, step: str = "stage1") -> None:
     assert (Path(manifest["export"]) / "infu_flux_v1.0" / "aes_stage2" / "InfuseNetModel").is_dir()
 
 
+def assert_evaluated(run_dir: Path) -> None:
+    """Both trained models made and scored the benchmark's 21 embedded pairs; the report is there."""
+    summary = json.loads((run_dir / "eval" / "report" / "summary.json").read_text())
+    assert {model: numbers["images"] for model, numbers in summary["models"].items()} == {
+        "stage1": 21,
+        "stage2": 21,
+    }
+    assert (run_dir / "eval" / "report" / "report.html").is_file()
+
+
 def assert_paired(run_dir: Path) -> None:
     """Two synthesis rows per kept portrait, every one decided by the SPMS filter; stage 2 trained on them."""
     synth, spms = (json.loads((run_dir / step / "_manifest.json").read_text()) for step in ("synth", "spms"))
@@ -97,15 +109,19 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     assert f"ingest output: {tmp_path / 'ingest'}" in result.stdout
     assert f"filter output: {tmp_path / 'filter'}" in result.stdout
     assert f"caption output: {tmp_path / 'caption'}" in result.stdout
+    assert f"precompute output: {tmp_path / 'precompute'}" in result.stdout
     assert f"stage1 output: {tmp_path / 'stage1'}" in result.stdout
     assert f"spms output: {tmp_path / 'spms'}" in result.stdout
     assert "Flow run" in result.stderr + result.stdout and "Completed" in result.stderr + result.stdout
     assert_ingested(tmp_path)
     assert_filtered(tmp_path)
     assert sorted(path.name.split("-")[0] for path in (tmp_path / "_configs").iterdir()) == [
+        "benchmark",
         "caption",
+        "eval",
         "filter",
         "ingest",
+        "precompute",
         "spms",
         "stage1",
         "stage2",
@@ -113,7 +129,10 @@ def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
     ]
     assert_captioned(tmp_path)
     assert_trained(tmp_path, steps=4)
+    metrics = (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["cached_share"] for line in metrics] == [1.0] * 4, "stage 1 read the cache"
     assert_paired(tmp_path)
+    assert_evaluated(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -227,11 +246,15 @@ def test_the_output_folder_decides_what_runs_on_a_persistent_cluster(ray_head, t
     spms = json.loads((submitted / "spms" / "_manifest.json").read_text())
     assert spms["status"] == "complete" and spms["counts"]["samples"] == 4 and spms["counts"]["ok"] >= 2
     assert_trained(submitted, steps=2, step="stage2")
+    for step in ("benchmark", "eval"):
+        done = submit_step(ray_head, step, submitted, *source, *(f"--set={item}" for item in pairs))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_evaluated(submitted)
 
     def infu_run(*overrides: str) -> str:
         command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path / "flow")]
         # Lineage of the data steps; training and synthesis are submitted above.
-        for step in ("stage1", "synth", "spms", "stage2"):
+        for step in ("precompute", "stage1", "synth", "spms", "stage2", "benchmark", "eval"):
             command += ["--set", f"{step}=null"]
         done = run([*command, *source, "--set", f"run.ray_address={ray_head}", *overrides])
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def tree_copy(tmp_path: Path) -> Path:
-    for package in ("infu", "filtering", "captioning", "flows"):
+    settings = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    for package in settings["tool"]["importlinter"]["root_packages"]:
         shutil.copytree(
             PROJECT_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
         )

@@ -64,7 +64,7 @@ def test_ingest_records_every_input_with_its_expected_outcome(local_ray, corpus,
     ) == (376, 478)
     assert records["people/astronaut.png"]["mime"] == "image/png"
     assert records["people/person_0.jpg"]["captions"] == {
-        "original": "a smiling man in a dark suit, portrait photo"
+        "original": "a smiling woman with long blond hair holding playing cards, portrait photo"
     }
     assert records["variants/truncated.jpg"]["sha256"] is not None
     assert "truncated" in records["variants/truncated.jpg"]["reject_detail"]

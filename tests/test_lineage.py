@@ -54,12 +54,24 @@ def test_an_explicit_input_folder_contributes_its_manifest_identity(tmp_path):
 
 
 def test_the_registry_orders_steps_and_names_unknown_ones():
-    assert pipeline_order() == ["ingest", "filter", "caption", "stage1", "synth", "spms", "stage2"]
+    order = [
+        "ingest",
+        "filter",
+        "caption",
+        "precompute",
+        "stage1",
+        "synth",
+        "spms",
+        "stage2",
+        "benchmark",
+        "eval",
+    ]
+    assert pipeline_order() == order, "precompute feeds stage1: it runs first"
     assert get_step("filter").upstream == ("ingest",) and get_step("filter").package == "filtering"
     assert get_step("caption").upstream == ("filter",) and get_step("caption").package == "captioning"
     assert get_step("stage1").upstream == ("filter", "caption") and get_step("stage1").package == "training"
     assert get_step("spms").job_arguments() == ["-m", "datagen", "filter"]  # its command is not its name
-    registered = "ingest, filter, caption, stage1, synth, spms, stage2"
+    registered = ", ".join(order)
     with pytest.raises(StepError, match=f"unknown step 'train'; registered steps: {registered}"):
         get_step("train")
 

@@ -1,5 +1,6 @@
-"""Stage-1 training: the data plan, the flow-matching objective, and the Ray Train run (2 workers, gloo,
-FSDP2) that learns, resumes exactly after a kill and exports a checkpoint the pipeline loads."""
+"""Stage-1 training: the data plan, the flow-matching objective, the Ray Train run (2 workers, gloo,
+FSDP2) that learns, resumes exactly after a kill and exports a checkpoint the pipeline loads, and the
+precompute step's cache, which trains to the same losses."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
+from infu.captions import read_captions
 from infu.config import load_config
 from infu.model.factory import build_pipeline, load_infu
 from infu.model.infu import InfU
+from infu.shards import committed_shards, read_parquet_records
 from infu.steps import StepError
+from training.cache import EncodedCache, text_key
 from training.config import DataConfig, TimestepConfig, TrainConfig
 from training.data import TrainingSamples, cover_crop, scaled_bucket, worker_batches
-from training.objective import FlowMatchingObjective, sample_timesteps
+from training.objective import FlowMatchingObjective, FrozenEncoders, sample_timesteps
+from training.precompute import caption_texts, run_precompute, step_cache
 from training.train import CHECKPOINTS_DIR, METRICS_FILE, VALIDATION_DIR, run_training
 
 from .conftest import EMBEDDED, copy_step_outputs, corpus_overrides, kill_step_job_midway, ray_unless_running
@@ -261,3 +266,96 @@ def test_a_killed_run_resumes_to_the_uninterrupted_losses(trained, tmp_path):
     assert manifest["resumed_from_step"] == KILL_AFTER
     uninterrupted = losses(config.run.run_dir)
     assert losses(tmp_path) == {step: uninterrupted[step] for step in range(1, RESUME_STEPS + 1)}
+
+
+# the precompute step: stage 1's frozen-encoder outputs cached once
+
+
+@pytest.fixture(scope="module")
+def precomputed(trained, tmp_path_factory):
+    """The trained run's inputs with the precompute step run over them: ``(config, manifest)``."""
+    config, _ = trained
+    run_dir = tmp_path_factory.mktemp("precomputed")
+    copy_inputs(config.run.run_dir, run_dir)
+    cached = load_config(
+        EMBEDDED, [*corpus_overrides(run_dir), "stage1.steps=3", "stage1.validation.every=null"]
+    )
+    with ray_unless_running():
+        return cached, run_precompute(cached)
+
+
+def encoders_of(config) -> FrozenEncoders:
+    return FrozenEncoders(build_pipeline(config.model), config.model.inference.max_sequence_length)
+
+
+def test_the_precompute_step_caches_each_trainable_sample_with_its_captions(precomputed):
+    config, manifest = precomputed
+    assert manifest["status"] == "complete" and manifest["counts"]["ok"] == 10
+    encoders = encoders_of(config)
+    cache = EncodedCache(config.step_dir("precompute"), encoders.latent_encoder, encoders.text_encoder)
+    captions = read_captions(config.step_dir("caption"))
+    rows = [row for shard in sorted(cache.shards) for row in cache.rows(shard).values()]
+    assert len(rows) == 10 and {(row["width"], row["height"]) for row in rows} == {(48, 64)}
+    assert {row["latent_encoder"] for row in rows} == {encoders.latent_encoder}
+    for row in rows:
+        assert row["texts"] == [text_key(text) for text in caption_texts(captions[row["key"]])]
+    assert sum(len(row["texts"]) for row in rows) >= 20, "several captions per sample"
+
+
+def test_a_cache_entry_serves_only_the_same_image_bytes_size_and_encoders(precomputed):
+    config, _ = precomputed
+    encoders = encoders_of(config)
+    folder = config.step_dir("precompute")
+    shard = committed_shards(folder)[0]
+    record = read_parquet_records(config.step_dir("filter") / f"{shard}.parquet")[0]
+    cache = EncodedCache(folder, encoders.latent_encoder, encoders.text_encoder)
+    entry = cache.entry(shard, record, (48, 64))
+    assert entry.latent.shape == entry.control.shape == (32, 8, 6) and entry.texts
+    assert cache.entry(shard, record, (32, 48)) is None, "another size"
+    assert cache.entry(shard, {**record, "sha256": "0" * 64}, (48, 64)) is None, "other image bytes"
+    other_vae = EncodedCache(folder, "another-vae", encoders.text_encoder).entry(shard, record, (48, 64))
+    assert other_vae.latent is None and other_vae.texts.keys() == entry.texts.keys()
+    assert EncodedCache(folder, "another-vae", "other-text").entry(shard, record, (48, 64)) is None
+
+
+def test_cached_encodings_give_the_losses_of_encoding_live(precomputed):
+    config, _ = precomputed
+    pipeline = build_pipeline(config.model)
+    objective = FlowMatchingObjective(
+        pipeline, InfU(pipeline.image_proj, pipeline.infusenet), config.step("stage1"), max_sequence_length=32
+    )
+    data = DataConfig(micro_batch=2, max_side=64, control_dropout=0.5)
+    live, cached = (
+        TrainingSamples(config.step_dir("filter"), config.step_dir("caption"), data, "dlib", 4)
+        for _ in range(2)
+    )
+    cached.use_cache(step_cache(config, {"filter": config.step_dir("filter")}, objective.encoders))
+    live_batches, cached_batches = worker_batches(live, 0, 1, 0), worker_batches(cached, 0, 1, 0)
+    black_controls = empty_prompts = 0
+    for index in range(10):
+        live_batch, cached_batch = next(live_batches), next(cached_batches)
+        assert "pixels" in live_batch and "pixels" not in cached_batch and "latent_parameters" in cached_batch
+        assert live_batch["keys"] == cached_batch["keys"] and live_batch["prompts"] == cached_batch["prompts"]
+        black_controls += sum(control is None for control in cached_batch["control_parameters"])
+        empty_prompts += sum(text is None for text in cached_batch["text"])
+        with torch.no_grad():
+            expected = objective.loss(live_batch, torch.Generator().manual_seed(index)).item()
+            assert objective.loss(cached_batch, torch.Generator().manual_seed(index)).item() == pytest.approx(
+                expected, rel=1e-5
+            )
+    assert black_controls > 0 and empty_prompts > 0, "control dropout and empty captions were exercised"
+
+
+@pytest.mark.slow  # the flow test sees stage 1 read the cache; the losses are compared in-process above
+def test_stage1_reads_the_cache_and_trains_as_it_does_without(precomputed, trained):
+    config, _ = precomputed
+    with ray_unless_running():
+        run_training(config, "stage1")
+    rows = [json.loads(line) for line in (config.step_dir("stage1") / METRICS_FILE).read_text().splitlines()]
+    assert [row["cached_share"] for row in rows] == [1.0, 1.0, 1.0]
+    uncached = [
+        json.loads(line) for line in (trained[0].step_dir("stage1") / METRICS_FILE).read_text().splitlines()
+    ]
+    assert {row["cached_share"] for row in uncached} == {0.0}
+    for row in rows:
+        assert row["loss"] == pytest.approx(uncached[row["step"] - 1]["loss"], rel=1e-5), row["step"]

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from infu.captions import MixtureConfig
-from infu.config import Section
+from infu.config import Resources, Section
 from infu.model.config import LATENT_PIXEL_MULTIPLE
 from infu.paths import ResolvedPath
 from training.plan import PlanConfig, accumulation_steps
@@ -147,4 +147,32 @@ class PairTrainConfig(TrainConfig):
                 "data.mixture is set, but a pair's caption is the prompt its synthetic image was made "
                 "from (the row's prompt): remove data.mixture (a stage-1 setting)"
             )
+        return self
+
+
+class PrecomputeConfig(Section):
+    """The optional ``precompute:`` step: stage 1's frozen-encoder outputs (VAE latent distributions of
+    each trainable sample's target and keypoint control, and the embeddings of its captions) cached once,
+    so training reads them instead of decoding images and running the VAE and text encoders.
+
+    An entry is used only when its image bytes, size and encoders match the sample trained; so
+    ``max_side`` and ``param_dtype`` must equal ``stage1``'s (``data.max_side``, ``param_dtype``). At
+    FLUX.1-dev scale an entry's latents take about 2 MiB per 1024^2 sample (fp32 mean + log-variance of
+    target and control) and each caption 8 MiB (512 T5 tokens x 4096, fp32): text is off by default."""
+
+    max_side: int | None = Field(
+        None,
+        ge=LATENT_PIXEL_MULTIPLE,
+        multiple_of=LATENT_PIXEL_MULTIPLE,
+        description="the buckets scaled down to this longer side, as stage1.data.max_side",
+    )
+    latents: bool = Field(True, description="cache the target's and the control's latent distributions")
+    text: bool = Field(False, description="cache the embeddings of every caption of each sample")
+    param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="as stage1.param_dtype")
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _caches_something(self) -> PrecomputeConfig:
+        if not (self.latents or self.text):
+            raise ValueError("latents and text are both false: the step would cache nothing")
         return self

@@ -15,7 +15,10 @@ metadata only. Samples left in a bucket's buffer at the end of an epoch are coun
 
 **Sample.** The target is the shard's image ``<key>.<ext>``; the control image draws the target's five
 keypoints (its largest face), mapped through the same resize-and-crop as the image, or is black with
-probability ``control_dropout``; ``empty_prompts`` trains without text.
+probability ``control_dropout``; ``empty_prompts`` trains without text. With a precompute cache
+(:meth:`PlannedSamples.use_cache`, :mod:`training.cache`), a micro batch whose samples all have entries
+carries their latent distributions instead of images (no decoding), and a sample's caption embeddings
+when cached.
 
 * Stage 1, SPSS (:class:`TrainingSamples`: the filter's shards and the caption step's): the reference
   face is the target's own (its identity embedding, from the filter's record); the caption is drawn by
@@ -55,6 +58,7 @@ from infu.pairs import read_pair_records
 from infu.records import Status
 from infu.shards import InputImages, committed_shards, read_parquet_records
 from infu.steps import StepError
+from training.cache import EncodedCache, Entry
 from training.config import DataConfig, TrainConfig
 
 PLAN_COLUMNS = ["key", "status", "bucket_width", "bucket_height", "face_embedding_space", "identity_cluster"]
@@ -106,6 +110,27 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def bucket_images(
+    data: bytes, record: dict[str, Any], size: tuple[int, int]
+) -> tuple[Image.Image, Image.Image | None]:
+    """A sample's image bytes -> its target at ``size`` (resized to cover it, centre-cropped) and the
+    control image of the target's five keypoints (its largest face), mapped through the same resize and
+    crop; None without a face."""
+    image = decode_image(data, min_size=size)
+    scale, left, top = cover_crop(image.size, size)
+    decoded_scale = image.width / record["width"]  # keypoints are in the original's pixels
+    resized = (round(image.width * scale), round(image.height * scale))
+    width, height = size
+    crop = (round(left), round(top), round(left) + width, round(top) + height)
+    target = image.resize(resized, Image.Resampling.BICUBIC).crop(crop)
+    faces = record["faces"]  # largest first: the face of the identity embedding
+    if not faces:
+        return target, None
+    kps = np.asarray(faces[0]["keypoints"], dtype=np.float32).reshape(5, 2)
+    offset = np.array([round(left), round(top)])
+    return target, draw_keypoints_control(size, kps * decoded_scale * scale - offset)
+
+
 class PlannedSamples(ABC):
     """Kept samples with a face embedding in the committed shards of ``shards_dir``, the deterministic
     batch plan over them, and their loading; a subclass says where a sample's caption and identity
@@ -123,6 +148,7 @@ class PlannedSamples(ABC):
         if not self.shards:
             raise StepError(f"no committed shards in {self.shards_dir}: run the {self.producer} step first")
         self.images = InputImages()
+        self.cache: EncodedCache | None = None
 
     # what a source defines ----------------------------------------------------------------------------
 
@@ -234,46 +260,76 @@ class PlannedSamples(ABC):
     def shard_records(self, shard: str) -> dict[str, dict[str, Any]]:
         return {record["key"]: record for record in self.read_records(self.shards_dir / f"{shard}.parquet")}
 
-    def load(self, ref: SampleRef, epoch: int) -> dict[str, Any]:
-        """One training sample: target pixels, control pixels, caption, identity embedding."""
+    def load(self, ref: SampleRef, epoch: int, entry: Entry | None = None) -> dict[str, Any]:
+        """One training sample: caption, identity embedding, and the target and control images, or their
+        cached latent distributions from ``entry`` (a black control's left to the objective: None)."""
         record = self.shard_records(ref.shard)[ref.key]
-        tar = str(self.shards_dir / f"{ref.shard}.tar")
-        image = decode_image(self.images.read({"record": record, "tar": tar}), min_size=ref.size)
-        scale, left, top = cover_crop(image.size, ref.size)
-        decoded_scale = image.width / record["width"]  # keypoints are in the original's pixels
-        resized = (round(image.width * scale), round(image.height * scale))
-        width, height = ref.size
-        crop = (round(left), round(top), round(left) + width, round(top) + height)
-        target = image.resize(resized, Image.Resampling.BICUBIC).crop(crop)
-        seed = self.data.shuffle_seed
-        faces = record["faces"]  # largest first: the face of the identity embedding
-        if not faces or stable_uniform(seed, ref.key, epoch, "control") < self.data.control_dropout:
-            control = black_control(ref.size)
-        else:
-            kps = np.asarray(faces[0]["keypoints"], dtype=np.float32).reshape(5, 2)
-            offset = np.array([round(left), round(top)])
-            control = draw_keypoints_control(ref.size, kps * decoded_scale * scale - offset)
+        dropped = (
+            stable_uniform(self.data.shuffle_seed, ref.key, epoch, "control") < self.data.control_dropout
+        )
         reference = self.reference_of(ref, epoch)
         embedding = self.identity_embedding(self.shard_records(reference.shard)[reference.key])
-        return {
+        prompt = "" if self.data.empty_prompts else self.caption(ref, record, epoch)
+        sample: dict[str, Any] = {
             "key": ref.key,
-            "pixels": to_pixels(target),
-            "control": to_pixels(control),
-            "prompt": "" if self.data.empty_prompts else self.caption(ref, record, epoch),
+            "prompt": prompt,
             "id_embedding": torch.tensor(embedding, dtype=torch.float32),
+            "text": entry.text(prompt) if entry is not None and prompt else None,
         }
+        if entry is not None and entry.latent is not None:
+            sample["latent_parameters"] = entry.latent
+            sample["control_parameters"] = None if dropped else entry.control
+            return sample
+        tar = str(self.shards_dir / f"{ref.shard}.tar")
+        target, control = bucket_images(self.images.read({"record": record, "tar": tar}), record, ref.size)
+        sample["pixels"] = to_pixels(target)
+        sample["control"] = to_pixels(black_control(ref.size) if dropped or control is None else control)
+        return sample
 
     def batch(self, refs: list[SampleRef], epoch: int) -> dict[str, Any]:
-        samples = [self.load(ref, epoch) for ref in refs]
-        return {
+        """A micro batch (same-size samples); from the cache when every sample's latents are in it."""
+        entries = [self.cached(ref) for ref in refs]
+        if any(entry is None or entry.latent is None for entry in entries):
+            entries = [entry and Entry(None, None, entry.texts) for entry in entries]
+        samples = [self.load(ref, epoch, entry) for ref, entry in zip(refs, entries, strict=True)]
+        width, height = refs[0].size
+        batch = {
             "keys": [sample["key"] for sample in samples],
-            "pixels": torch.stack([sample["pixels"] for sample in samples]),
-            "control": torch.stack([sample["control"] for sample in samples]),
+            "size": (width, height),
             "prompts": [sample["prompt"] for sample in samples],
+            "text": [sample["text"] for sample in samples],
             "id_embedding": torch.nn.functional.normalize(
                 torch.stack([sample["id_embedding"] for sample in samples]), dim=-1
             ),
         }
+        if "latent_parameters" in samples[0]:
+            batch["latent_parameters"] = torch.stack([sample["latent_parameters"] for sample in samples])
+            batch["control_parameters"] = [sample["control_parameters"] for sample in samples]
+        else:
+            batch["pixels"] = torch.stack([sample["pixels"] for sample in samples])
+            batch["control"] = torch.stack([sample["control"] for sample in samples])
+        return batch
+
+    def cached(self, ref: SampleRef) -> Entry | None:
+        """``ref``'s entry in the precompute cache (:meth:`use_cache`), if one fits."""
+        if self.cache is None:
+            return None
+        return self.cache.entry(ref.shard, self.shard_records(ref.shard)[ref.key], ref.size)
+
+    def use_cache(self, cache: EncodedCache | None) -> None:
+        """Take the frozen encoders' outputs from ``cache`` where it holds them."""
+        self.cache = cache
+
+
+def require_captions(shards: list[str], captions_dir: Path) -> None:
+    """A :class:`StepError` unless every filter shard in ``shards`` has committed captions."""
+    captioned = set(committed_shards(captions_dir))
+    missing = [shard for shard in shards if shard not in captioned]
+    if missing:
+        raise StepError(
+            f"{len(missing)} filter shard(s) have no captions in {captions_dir} (first: "
+            f"{missing[0]}): run the caption step first"
+        )
 
 
 class TrainingSamples(PlannedSamples):
@@ -287,13 +343,7 @@ class TrainingSamples(PlannedSamples):
         super().__init__(filter_dir, data, embedding_space, global_batch)
         self.captions_dir = Path(captions_dir)
         self.mixture = CaptionMixture(data.mixture)
-        captioned = set(committed_shards(self.captions_dir))
-        missing = [shard for shard in self.shards if shard not in captioned]
-        if missing:
-            raise StepError(
-                f"{len(missing)} filter shard(s) have no captions in {self.captions_dir} (first: "
-                f"{missing[0]}): run the caption step first"
-            )
+        require_captions(self.shards, self.captions_dir)
 
     def read_records(self, path: Path) -> list[dict[str, Any]]:
         return read_parquet_records(path)

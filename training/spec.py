@@ -1,7 +1,7 @@
 """The training steps, registered in pyproject.toml under the ``infu.steps`` entry points."""
 
 from infu.steps import StepSpec
-from training.config import PairTrainConfig, TrainConfig
+from training.config import PairTrainConfig, PrecomputeConfig, TrainConfig
 
 STAGE1 = StepSpec(
     name="stage1",
@@ -22,4 +22,15 @@ STAGE2 = StepSpec(
     upstream=("stage1", "spms"),
     shared=("model",),
     help="Stage-2 SFT on SPMS pairs: the stage-1 export trained on synthetic images of real references.",
+)
+PRECOMPUTE = StepSpec(
+    name="precompute",
+    package="training",
+    section="precompute",
+    section_model=PrecomputeConfig,
+    run="training.precompute:run_precompute",
+    upstream=("filter", "caption"),
+    shared=("model",),
+    feeds=("stage1",),
+    help="Optional: stage 1's VAE latents and caption embeddings, cached once for training to read.",
 )

@@ -37,6 +37,7 @@ from infu.quality.torch_utils import TORCH_DTYPES
 from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
 from training.config import TrainConfig, ValidationConfig
 from training.data import step_samples, worker_batches
+from training.precompute import step_cache
 
 CHECKPOINTS_DIR = "checkpoints"
 VALIDATION_DIR = "validation"
@@ -134,6 +135,8 @@ class StepResult:
     """Before clipping."""
     tokens: int
     """Image tokens this worker trained on."""
+    cached_share: float
+    """Share of this worker's samples whose latents came from the precompute cache."""
     epoch: int
 
 
@@ -153,7 +156,7 @@ def optimizer_step(
     world = dist.get_world_size() if dist.is_initialized() else 1
     trainer.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
-    tokens = 0
+    tokens = cached = 0
     for micro in range(accumulation):
         batch = next(batches)
         sample_slice = micro * world + rank
@@ -161,8 +164,9 @@ def optimizer_step(
         loss = trainer.objective.loss(batch, generator) / accumulation
         loss.backward()
         loss_sum += loss.detach()
-        height, width = batch["pixels"].shape[-2:]
+        width, height = batch["size"]
         tokens += len(batch["keys"]) * (height // LATENT_PIXEL_MULTIPLE) * (width // LATENT_PIXEL_MULTIPLE)
+        cached += len(batch["keys"]) if "latent_parameters" in batch else 0
     clip = settings.optimizer.grad_clip
     if clip is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, clip)
@@ -174,7 +178,8 @@ def optimizer_step(
     if dist.is_initialized():
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return StepResult(float(loss_sum), float(norm), tokens, batch["epoch"])
+    samples = accumulation * len(batch["keys"])
+    return StepResult(float(loss_sum), float(norm), tokens, cached / samples, batch["epoch"])
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -205,6 +210,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         print(f"{step_name}: resumed at step {progress['step']} (data position {progress['position']})")
 
     samples = step_samples(payload["inputs"], settings, config.model.projection.embedding_space)
+    samples.use_cache(step_cache(config, payload["inputs"], trainer.objective.encoders))
     accumulation = settings.accumulation_steps(world)
     batches = worker_batches(samples, rank, world, start=progress["position"])
     validation = settings.validation
@@ -230,6 +236,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             "samples_per_s": window_samples / seconds,
             "tokens_per_s": window_tokens / seconds,
             "max_memory_mib": (torch.cuda.max_memory_allocated() if device.type == "cuda" else 0) / 2**20,
+            "cached_share": done.cached_share,
             "epoch": done.epoch,
         }
         if writer is not None:

@@ -58,6 +58,20 @@ def quantize_weights(pipeline: InfUFluxPipeline, weights: str) -> None:
     logger.info("transformer and InfuseNet weights quantized to %s", weights)
 
 
+def build_encoders(
+    config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> FluxPipeline:
+    """The base's frozen VAE and text encoders (with tokenizers and scheduler) as a ``FluxPipeline``
+    without its transformer: what a sample's image and caption encode with, the same weights
+    :func:`build_pipeline` loads."""
+    dtype = dtype or (torch.bfloat16 if config.variant == "full" else torch.float32)
+    if config.variant == "tiny":
+        components = tiny_flux_components(config.projection.output_dim, config.tiny_seed)
+        pipeline = FluxPipeline(**{**components, "transformer": None})
+        return pipeline.to(device=device, dtype=dtype) if dtype != torch.float32 else pipeline.to(device)
+    return FluxPipeline.from_pretrained(config.base_model, transformer=None, torch_dtype=dtype).to(device)
+
+
 def build_pipeline(
     config: ModelConfig,
     face_analyzer: FaceAnalyzer | None = None,

@@ -65,3 +65,18 @@ def apply_head(head: nn.Module, embeddings: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         batch = torch.as_tensor(np.asarray(embeddings), dtype=parameter.dtype, device=parameter.device)
         return head(batch).float().cpu().numpy()
+
+
+def weights_digest(*modules: nn.Module | None) -> str:
+    """A sha256 over the modules' state dicts (names, dtypes, shapes and bytes): equal exactly when the
+    weights are, whatever path they were loaded from (``None`` modules count as absent)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index, module in enumerate(modules):
+        digest.update(f"module {index}: {type(module).__name__}\n".encode())
+        for name, tensor in sorted((module.state_dict() if module is not None else {}).items()):
+            value = tensor.detach().cpu().contiguous()
+            digest.update(f"{name} {value.dtype} {tuple(value.shape)}\n".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
