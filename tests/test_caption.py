@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from captioning.caption import AssembleStage, CaptionTable, run_caption
 from captioning.config import CaptionQuality
 from infu.captions import CAPTION_SOURCES, read_caption_rows, read_captions
@@ -102,6 +104,7 @@ def one_sample_per_shard(filter_dir: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # kill/resume of the shared runner: ingest, filter and training kill tests run in CI
 def test_a_killed_caption_job_resumes_to_the_same_rows(captioned_corpus, local_ray, tmp_path):
     """A caption job over ten one-sample shards, SIGKILLed once nine are committed while the tenth's
     records hang unread (a stalled mount: a FIFO nobody writes to), then rerun with the file back: the
