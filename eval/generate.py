@@ -13,7 +13,6 @@ at the first shard not committed; images are seeded, so a rerun makes the same o
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from eval.config import BaselineImages, BenchmarkConfig
 from infu.config import InfuConfig
 from infu.face import FaceConfig, NoFaceError, load_face_analyzer
 from infu.identities import Identity, folder_identities
-from infu.images import BadImageError, decode_image
+from infu.images import BadImageError, decode_image, png_bytes
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, trained_export
 from infu.model.config import ModelConfig
@@ -106,7 +105,7 @@ def benchmark_pairs(settings: BenchmarkConfig) -> tuple[Benchmark, list[Identity
             kept += [prompt for prompt in benchmark.prompts if prompt.gender == tag][
                 : settings.prompts_per_tag
             ]
-        benchmark = benchmark.model_construct(**{**benchmark.__dict__, "prompts": kept})
+        benchmark = benchmark.model_copy(update={"prompts": kept})
     identities = benchmark_identities(settings)
     return benchmark, identities, pairs(benchmark, identities)
 
@@ -257,9 +256,7 @@ class GenerateStage(Stage):
         generator = torch.Generator(self.device).manual_seed(row["seed"])
         pipeline = self.pipeline(checkpoint or "")
         image = pipeline(row["prompt"], id_embedding=embedding, generator=generator).images[0]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return StageOutput(row, buffer.getvalue(), "png")
+        return StageOutput(row, png_bytes(image), "png")
 
     @staticmethod
     def read_baseline(row: dict[str, Any], image_file: str | None) -> StageOutput:
@@ -276,9 +273,7 @@ class GenerateStage(Stage):
         except BadImageError as error:
             row.update(status=Status.REJECTED.value, reject_reason=error.reason, reject_detail=error.detail)
             return StageOutput(row)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return StageOutput(row, buffer.getvalue(), "png")
+        return StageOutput(row, png_bytes(image), "png")
 
 
 def run_benchmark(config: InfuConfig) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from eval.metrics import (
     frechet_distance,
     write_random_lpips_backbone,
 )
+from eval.report import METRICS
 from infu.config import InfuConfig
 from infu.face import FaceConfig, load_face_analyzer
 from infu.lineage import upstream_inputs
@@ -56,7 +57,7 @@ from infu.steps import StepError
 
 STEP = "eval"
 REPORT_DIR = "report"
-METRIC_KEYS = ("id_loss", "face_similarity", "clip_score", "pick_score", "clip_t", "clip_i")
+METRIC_KEYS = tuple(key for key, _, _ in METRICS)
 SCORE_SCHEMA = pa.schema(
     [
         *IMAGE_SCHEMA,
@@ -163,7 +164,7 @@ def lpips_metric(settings: LpipsConfig, folder: Path) -> LpipsDiversity:
 
 
 def summarize_model(
-    rows: list[dict[str, Any]], images: dict[str, Image.Image], settings: EvalConfig, extra: dict[str, Any]
+    rows: list[dict[str, Any]], settings: EvalConfig, extra: dict[str, Any]
 ) -> dict[str, Any]:
     """A model version's aggregates: every metric's mean and interval over its rows (a metric without a
     value in a row, e.g. CLIPScore of a missing image, leaves that row out), counts and ``extra``."""
@@ -186,7 +187,7 @@ def summarize_model(
             }
     return {
         "images": len(rows),
-        "scored": len(images),
+        "scored": sum(1 for row in rows if row["status"] == Status.OK),
         "no_face": sum(1 for row in rows if row["faces"] == 0),
         "metrics": metrics,
         **extra,
@@ -211,17 +212,17 @@ def build_report(
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_model[row["model"]].append(row)
-    photos = {row["photo"]: Image.open(row["photo"]).convert("RGB") for row in rows}
     features = ClipImageFeatures(clip_scorer(settings.clip, ClipScorer, "cpu")) if settings.fid else None
+    photos = {row["photo"]: Image.open(row["photo"]).convert("RGB") for row in rows} if features else {}
     lpips = lpips_metric(settings.lpips, folder) if settings.lpips is not None else None
     models = {}
     for model, model_rows in by_model.items():
+        extra: dict[str, Any] = {"fid": None, "lpips_diversity": None}
         images = {
             row["key"]: Image.open(io.BytesIO(image_bytes(row))).convert("RGB")
             for row in model_rows
-            if row["status"] == Status.OK
+            if row["status"] == Status.OK and (features is not None or lpips is not None)
         }
-        extra: dict[str, Any] = {"fid": None, "lpips_diversity": None}
         if features is not None and len(images) >= 2 and len(photos) >= 2:
             extra["fid"] = frechet_distance(list(photos.values()), list(images.values()), features)
         if lpips is not None:
@@ -231,7 +232,7 @@ def build_report(
                     per_identity[row["identity"]].append(images[row["key"]])
             values = [lpips.diversity(group) for group in per_identity.values() if len(group) >= 2]
             extra["lpips_diversity"] = float(np.mean(values)) if values else None
-        models[model] = summarize_model(model_rows, images, settings, extra)
+        models[model] = summarize_model(model_rows, settings, extra)
     summary = {"benchmark": manifest.get("benchmark") or {}, "models": models}
     write_atomic(folder / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
     written = render_report(rows, summary, folder, image_bytes, worst=settings.worst)

@@ -169,3 +169,10 @@ def load_rgb(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         except BadImageError as error:
             raise BadImageError(error.reason, f"{path}: {error.detail}") from error
     return decode_image(source, max_pixels)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from infu.images import png_bytes
 from infu.paths import package_file
 
 GROUP_PHOTO_SHA256 = "47f682e945b659f93a9e490b9c9c4a2a864abe64dace9e1a2893845ddfd69489"
@@ -74,12 +75,6 @@ def _jpeg(image: Image.Image, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def portraits() -> list[Image.Image]:
     """The six people of the group photo, each cropped around their face and upscaled 2x."""
     group = Image.open(group_photo_path()).convert("RGB")
@@ -125,7 +120,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def huge_header_png(width: int = 100_000, height: int = 100_000) -> bytes:
+def huge_headerpng_bytes(width: int = 100_000, height: int = 100_000) -> bytes:
     """A small file whose PNG header claims ``width x height`` pixels (a decompression bomb)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
@@ -173,7 +168,7 @@ def build_sample_corpus(out: Path) -> list[Label]:
         )
     add(
         "people/astronaut.png",
-        _png(astronaut),
+        png_bytes(astronaut),
         "portrait",
         "astronaut",
         "ok",
@@ -272,7 +267,7 @@ def build_sample_corpus(out: Path) -> list[Label]:
     )
     add(
         "variants/huge_header.png",
-        huge_header_png(),
+        huge_headerpng_bytes(),
         "huge_header",
         None,
         "too_large",
@@ -281,7 +276,7 @@ def build_sample_corpus(out: Path) -> list[Label]:
     )
     add(
         "variants/cat.png",
-        _png(Image.open(cat_path()).convert("RGB")),
+        png_bytes(Image.open(cat_path()).convert("RGB")),
         "no_face",
         None,
         "ok",

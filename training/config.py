@@ -157,8 +157,9 @@ class PrecomputeConfig(Section):
 
     An entry is used only when its image bytes, size and encoders match the sample trained; so
     ``max_side`` and ``param_dtype`` must equal ``stage1``'s (``data.max_side``, ``param_dtype``). At
-    FLUX.1-dev scale an entry's latents take about 2 MiB per 1024^2 sample (fp32 mean + log-variance of
-    target and control) and each caption 8 MiB (512 T5 tokens x 4096, fp32): text is off by default."""
+    FLUX.1-dev scale an entry's latents take about 4 MiB per 1024^2 sample (fp32 mean + log-variance,
+    2 MiB each for target and control) and each caption 8 MiB (512 T5 tokens x 4096, fp32): text is off
+    by default."""
 
     max_side: int | None = Field(
         None,
