@@ -120,7 +120,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def huge_headerpng_bytes(width: int = 100_000, height: int = 100_000) -> bytes:
+def huge_header_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A small file whose PNG header claims ``width x height`` pixels (a decompression bomb)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
@@ -267,7 +267,7 @@ def build_sample_corpus(out: Path) -> list[Label]:
     )
     add(
         "variants/huge_header.png",
-        huge_headerpng_bytes(),
+        huge_header_png(),
         "huge_header",
         None,
         "too_large",

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from infu.images import png_bytes
 from infu.records import RejectReason, Status
-from infu.sample_corpus import _jpeg, _png, huge_header_png
+from infu.sample_corpus import _jpeg, huge_header_png
 
 SEED = 9
 WIDTH, HEIGHT = 96, 64
@@ -105,7 +106,7 @@ def broken_exif_jpeg(image: Image.Image) -> bytes:
 def _cases(seed: int) -> Iterator[tuple[BadInput, bytes]]:
     rgb = picture(seed=seed)
     jpeg = _jpeg(rgb)
-    png = _png(rgb)
+    png = png_bytes(rgb)
     kept = {"width": WIDTH, "height": HEIGHT}
     turned = {"width": HEIGHT, "height": WIDTH}
 
@@ -176,7 +177,7 @@ def _cases(seed: int) -> Iterator[tuple[BadInput, bytes]]:
         ("rgba_webp", "modes/rgba.webp", encode(rgb.convert("RGBA"), "WEBP"), "image/webp", "RGBA WebP"),
         ("la", "modes/la.png", encode(rgb.convert("LA"), "PNG"), "image/png", "LA"),
         ("gray", "modes/gray.jpg", _jpeg(rgb.convert("L")), "image/jpeg", "8-bit grayscale JPEG"),
-        ("gray16_png", "modes/gray16.png", _png(rgb.convert("L").convert("I;16")), "image/png", "I;16"),
+        ("gray16_png", "modes/gray16.png", png_bytes(rgb.convert("L").convert("I;16")), "image/png", "I;16"),
         (
             "gray16_tiff",
             "modes/gray16.tiff",
@@ -184,7 +185,7 @@ def _cases(seed: int) -> Iterator[tuple[BadInput, bytes]]:
             "image/tiff",
             "I;16",
         ),
-        ("bilevel_png", "modes/bilevel.png", _png(rgb.convert("1")), "image/png", "1-bit"),
+        ("bilevel_png", "modes/bilevel.png", png_bytes(rgb.convert("1")), "image/png", "1-bit"),
         ("bilevel_bmp", "modes/bilevel.bmp", encode(rgb.convert("1"), "BMP"), "image/bmp", "1-bit BMP"),
         ("cmyk_jpeg", "modes/cmyk.jpg", _jpeg(rgb.convert("CMYK")), "image/jpeg", "CMYK JPEG"),
         ("cmyk_tiff", "modes/cmyk.tiff", encode(rgb.convert("CMYK"), "TIFF"), "image/tiff", "CMYK TIFF"),
@@ -240,7 +241,7 @@ def _cases(seed: int) -> Iterator[tuple[BadInput, bytes]]:
     ):
         yield (
             BadInput(name, path, too_small, width, height, "image/png", f"{width}x{height}"),
-            _png(picture(width, height, seed)),
+            png_bytes(picture(width, height, seed)),
         )
 
     # Unusual names, each a valid 96x64 JPEG unless said otherwise.
