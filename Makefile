@@ -12,7 +12,7 @@ ifneq ($(filter-out cpu gpu,$(MACHINE)),)
 $(error MACHINE must be cpu or gpu, not $(MACHINE))
 endif
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench lint clean chromium
 
 install: $(STAMP)
 
@@ -36,13 +36,20 @@ endif
 demo: $(STAMP)
 	$(VENV)/bin/infu run --config configs/embedded.yaml
 
-# test: the CI suite, every test but those marked slow (whole-cluster, kill/resume and Prefect deployment
+# test: the CI suite, every test but those marked slow (whole-cluster, kill/resume and fault-injection
 # runs, which test-all adds).
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/pytest -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(VENV)/bin/pytest
+
+# The dashboard's browser test drives Debian's chromium through Playwright (which never downloads a
+# browser here). Installing it needs root (as on CI); elsewhere install it yourself or the test skips.
+chromium:
+	@command -v chromium > /dev/null || { test "$$(id -u)" = 0 && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null; } \
+		|| echo "chromium is missing and could not be installed (that needs root): the browser test will skip"
 
 bench: $(STAMP)
 	for script in bench/*_bench.py; do $(VENV)/bin/python $$script || exit 1; done

@@ -12,7 +12,7 @@ import typer
 from infu.config import InfuConfig, credentials_to_environment, load_config_or_exit
 from infu.model.cli import generate_command
 from infu.raycluster import JobFailedError
-from infu.steps import configured_steps, ensure_run_dir, exit_on_error, registry
+from infu.steps import configured_steps, ensure_run_dir, exit_on_error, registry, select_steps
 
 # The temporary Prefect server `infu run` starts would report telemetry (and log an ERROR offline).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -79,19 +79,48 @@ def run(
     config: ConfigOption = Path("configs/embedded.yaml"),
     set_: SetOption = None,
     step: Annotated[list[str] | None, typer.Option(help="run only these steps")] = None,
+    start_from: Annotated[str | None, typer.Option(help="skip the steps before this one")] = None,
+    stop_after: Annotated[str | None, typer.Option(help="end the run after this step")] = None,
 ) -> None:
-    """Run the full-pipeline Prefect flow: every configured step as a Ray job (finished ones are skipped)."""
+    """Run the full-pipeline Prefect flow: every configured step as a Ray job (finished ones are skipped),
+    then write the run's dashboard."""
     run_config = load_config_or_exit(config, set_)
     with exit_on_error("run", runtime_errors=(JobFailedError,)):
-        check_before_starting(run_config, step or configured_steps(run_config))
+        check_before_starting(run_config, select_steps(run_config, step, start_from, stop_after))
         from flows.full_pipeline import full_pipeline
 
         overrides, secrets = credentials_to_environment(set_ or [])
         os.environ.update(secrets)
-        results = full_pipeline(config=str(config), overrides=overrides, steps=step or None)
+        results = full_pipeline(
+            config=str(config), overrides=overrides, steps=step, start_from=start_from, stop_after=stop_after
+        )
     typer.echo(json.dumps(results, indent=2))
     for name, result in results.items():
         typer.echo(f"{name} output: {result['output']}")
+    from flows.dashboard import snapshot_path
+
+    run_dir = run_config.run.run_dir
+    typer.echo(f"dashboard: {snapshot_path(run_dir)} (interactive: infu dashboard {run_dir})")
+
+
+@app.command()
+def dashboard(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (run.run_dir)")],
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
+    snapshot: Annotated[bool, typer.Option(help="write the HTML snapshot and exit, no server")] = False,
+) -> None:
+    """Serve the run's data-quality dashboard on 127.0.0.1 (filters, thumbnail pages), or write its
+    self-contained HTML snapshot."""
+    from flows.dashboard import serve, write_snapshot
+
+    if not run_dir.is_dir():
+        typer.echo(f"dashboard: {run_dir} is not a folder", err=True)
+        raise typer.Exit(2)
+    if snapshot:
+        typer.echo(f"wrote {write_snapshot(run_dir)}")
+        return
+    typer.echo(f"dashboard of {run_dir}: http://127.0.0.1:{port}/ (Ctrl+C stops it)")
+    serve(run_dir, port=port)
 
 
 app.command("generate")(generate_command)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from infu.config import InfuConfig, dump_config
 from infu.lineage import completed_manifest, output_tag
@@ -33,6 +34,19 @@ def effective_config_file(config: InfuConfig, step: str) -> Path:
 def entrypoint(config: InfuConfig, step: str, config_file: Path, local: bool) -> str:
     python = config.run.python or (sys.executable if local else "python")
     return shlex.join([python, *get_step(step).job_arguments(), "--config", str(config_file)])
+
+
+def job_resources(config: InfuConfig, step: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The step's ``resources.job`` as ``submit_job``'s ``entrypoint_*`` arguments (only those set), and
+    its runtime env."""
+    job = config.step(step).resources.job
+    arguments = {
+        "entrypoint_num_cpus": job.num_cpus,
+        "entrypoint_num_gpus": job.num_gpus,
+        "entrypoint_memory": int(job.memory_gb * 2**30),
+        "entrypoint_resources": job.resources,
+    }
+    return {name: value for name, value in arguments.items() if value}, job.runtime_env
 
 
 def submission_prefix(config: InfuConfig, step: str) -> str:
@@ -61,10 +75,13 @@ def run_step(
         log(f"{step}: {config.step_dir(step)} is complete for this config; skipping it")
         return False
     config_file = effective_config_file(config, step)
+    resources, runtime_env = job_resources(config, step)
     run_job(
         address,
         entrypoint(config, step, config_file, local),
         submission_prefix(config, step),
+        runtime_env=runtime_env,
+        entrypoint_resources=resources,
         timeout_s=config.run.job_timeout_s,
         log=log,
     )

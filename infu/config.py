@@ -43,6 +43,22 @@ class StageResources(Section):
     num_gpus: float | None = Field(None, ge=0)
 
 
+class JobResources(Section):
+    """What a step's Ray job driver (its entrypoint) reserves, and the runtime env it runs in.
+
+    The driver of most steps only plans and commits (its workers hold the GPUs); a step whose driver
+    loads a model reserves GPUs here so Ray places it on a GPU node. ``runtime_env`` is Ray's (``pip``,
+    ``env_vars``, ``image_uri``...)."""
+
+    num_cpus: float = Field(0, ge=0, description="CPUs the job's driver reserves (Ray: entrypoint_num_cpus)")
+    num_gpus: float = Field(0, ge=0, description="GPUs the job's driver reserves (entrypoint_num_gpus)")
+    memory_gb: float = Field(0, ge=0, description="memory the driver reserves, GiB (entrypoint_memory)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources the driver needs (entrypoint_resources)"
+    )
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="the job's Ray runtime env")
+
+
 class Resources(Section):
     """How a step runs on Ray; never part of a step's identity.
 
@@ -58,6 +74,7 @@ class Resources(Section):
         2, ge=0, description="retries of a failing chunk before its shard is recorded failed"
     )
     stages: dict[str, StageResources] = Field(default_factory=dict, description="per-stage overrides")
+    job: JobResources = JobResources()
 
 
 class RunSettings(Section):
@@ -75,6 +92,8 @@ class RunSettings(Section):
     python: str | None = Field(
         None, description="interpreter that runs step jobs; null = this one locally, `python` on a cluster"
     )
+    job_retries: int = Field(1, ge=0, description="the flow reruns a failed step job this many times")
+    retry_delay_s: float = Field(10, ge=0, description="seconds before a failed step job is rerun")
 
 
 class InfuConfig(Section):

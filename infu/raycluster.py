@@ -270,6 +270,7 @@ def run_job(
     submission_prefix: str,
     *,
     runtime_env: dict | None = None,
+    entrypoint_resources: dict[str, Any] | None = None,
     timeout_s: float = 6 * 3600,
     log: Callable[[str], None] = print,
     poll_s: float = 1.0,
@@ -278,7 +279,8 @@ def run_job(
 
     The submission id is ``<submission_prefix>-<attempt>``. Whether the work needs doing at all is the
     caller's question (a step's output manifest answers it); this always runs it once more, unless an
-    attempt is still running. Returns the id of the job that succeeded; raises :class:`JobFailedError`.
+    attempt is still running. ``entrypoint_resources`` are ``submit_job``'s ``entrypoint_*`` arguments.
+    Returns the id of the job that succeeded; raises :class:`JobFailedError`.
     """
     from ray.job_submission import JobStatus
 
@@ -293,8 +295,14 @@ def run_job(
         log(f"following job {submission_id}, already {latest.status}")
     else:
         submission_id = f"{submission_prefix}-{len(attempts) + 1}"
-        client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env or {})
-        log(f"submitted job {submission_id}: {entrypoint}")
+        client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            runtime_env=runtime_env or {},
+            **(entrypoint_resources or {}),
+        )
+        reserved = ", ".join(f"{name}={value}" for name, value in (entrypoint_resources or {}).items())
+        log(f"submitted job {submission_id}{f' ({reserved})' if reserved else ''}: {entrypoint}")
     deadline = time.monotonic() + timeout_s
     try:
         _follow_logs(client, submission_id, log, timeout_s)

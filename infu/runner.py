@@ -45,6 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from infu.config import Resources
 from infu.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from infu.paths import write_atomic
+from infu.progress import write_progress
 from infu.raycluster import ensure_ray
 from infu.records import Status, reject
 from infu.shards import (
@@ -312,8 +313,10 @@ class _Committer:
 class _Progress:
     """A rich progress bar on a terminal, one log line per shard elsewhere (Ray job logs)."""
 
-    def __init__(self, label: str, total: int):
+    def __init__(self, label: str, total: int, out_dir: Path):
         self.label = label
+        self.total = total
+        self.out_dir = out_dir
         self.kept = self.rejected = self.shards = 0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -337,12 +340,19 @@ class _Progress:
 
     def advance(self, count: int) -> None:
         self.progress.update(self.task, advance=count)
+        self._record()
+
+    def _record(self) -> None:
+        """The shards finished so far, for the flow's progress artifact (:mod:`infu.progress`)."""
+        done = int(self.progress.tasks[0].completed)
+        write_progress(self.out_dir, self.label, done, self.total, "shards")
 
     def committed(self, stats: dict[str, Any]) -> None:
         self.shards += 1
         self.kept += stats["ok"]
         self.rejected += stats["rejected"]
         self.progress.update(self.task, advance=1, kept=self.kept, rejected=self.rejected)
+        self._record()
         if not self.live:
             print(
                 f"{self.label}: shard {stats['shard']} committed "
@@ -428,7 +438,7 @@ def run_phase(phase: Phase) -> PhaseResult:
     tasks = list(phase.tasks)
     pending = [task for task in tasks if task.name not in done]
     result.skipped = len(tasks) - len(pending)
-    with _Progress(phase.label, len(tasks)) as progress:
+    with _Progress(phase.label, len(tasks), out_dir) as progress:
         progress.advance(result.skipped)
         if pending:
             ensure_ray()

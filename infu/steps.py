@@ -119,6 +119,31 @@ def configured_steps(config: Any) -> list[str]:
     return [name for name in registry() if config.has_step(name)]
 
 
+def select_steps(
+    config: Any,
+    only: list[str] | None = None,
+    start_from: str | None = None,
+    stop_after: str | None = None,
+) -> list[str]:
+    """The steps a run does, in pipeline order: ``only`` those (default: every configured step), from
+    ``start_from`` to ``stop_after`` included. A step that is not registered, not configured, or a range
+    that selects nothing is a :class:`StepError`."""
+    configured = configured_steps(config)
+    for name in [*(only or []), *filter(None, (start_from, stop_after))]:
+        get_step(name)
+        if name not in configured:
+            raise StepError(f"step {name} has no section in this config; its steps: {', '.join(configured)}")
+    selected = [name for name in configured if only is None or name in only]
+    first = configured.index(start_from) if start_from else 0
+    last = configured.index(stop_after) if stop_after else len(configured) - 1
+    if first > last:
+        raise StepError(f"start_from {start_from} comes after stop_after {stop_after}")
+    selected = [name for name in selected if first <= configured.index(name) <= last]
+    if not selected:
+        raise StepError("these settings select no step")
+    return selected
+
+
 def ensure_run_dir(config: Any) -> None:
     """Create ``run.run_dir`` and check that files can be written in it; a :class:`StepError` names it
     otherwise."""

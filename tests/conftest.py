@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -20,6 +21,8 @@ from infu.raycluster import ensure_ray_token, use_token_auth_if_present
 from infu.shards import committed_shards
 from infu.steps import get_step
 
+from .prefect_server import PROJECT_ROOT, PrefectServer, prefect_server
+
 # One token for every Ray the tests start, also when pytest-xdist workers start theirs at once; then
 # token auth for this process, before any test imports Ray, which reads its auth mode once.
 ensure_ray_token()
@@ -27,7 +30,6 @@ use_token_auth_if_present()
 # Prefect's local state (its temporary servers' database) per test session, not the developer's.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="infu-tests-prefect-"))
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 """The embedded profile's config, which most tests run."""
 SHARED_ROOT = Path(os.environ.get("INFU_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
@@ -218,3 +220,55 @@ def spms_overrides(run_dir: Path) -> list[str]:
         "stage1.checkpoint.every=2",
         f"synth.pose_photos={run_dir / 'corpus' / 'people'}",
     ]
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """A complete embedded run of ``full-pipeline``, through its Prefect deployment."""
+
+    run_dir: Path
+    server: PrefectServer | None
+    """The Prefect server it ran on, still up for the session (None for a reused run folder)."""
+    flow_run_id: str | None
+    output: str
+
+
+def pipeline_overrides(run_dir: Path) -> list[str]:
+    """The whole pipeline in ``run_dir`` on the sample corpus (built there), with short training."""
+    corpus = run_dir / "sample_corpus"
+    return [
+        f"run.run_dir={run_dir}",
+        f"ingest.source.path={corpus}",
+        f"synth.pose_photos={corpus / 'people'}",
+        f"benchmark.identities={corpus}",
+        "stage1.steps=4",
+        "stage1.checkpoint.every=2",
+        "synth.samples_per_reference=2",
+        "stage2.steps=2",
+        "stage2.global_batch=2",
+        "stage2.data.micro_batch=1",
+        "stage2.validation.every=null",
+        "stage2.checkpoint.every=2",
+    ]
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> Iterator[PipelineRun]:
+    """``prefect deployment run full-pipeline/embedded --watch`` on a real server and process worker, as
+    the README says, once per session; the server stays up for the tests that query it.
+
+    ``INFU_PIPELINE_RUN=<run folder>`` reuses a finished run folder instead (while working on the
+    dashboard, say); the tests of the deployment itself then skip."""
+    reused = os.environ.get("INFU_PIPELINE_RUN")
+    if reused:
+        yield PipelineRun(Path(reused), None, None, "")
+        return
+    import ray
+
+    ray.shutdown()  # the flow starts a local Ray of its own
+    run_dir = tmp_path_factory.mktemp("pipeline_run")
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as server:
+        flow_run_id, output = server.run_deployment(
+            "full-pipeline/embedded", overrides=pipeline_overrides(run_dir)
+        )
+        yield PipelineRun(run_dir, server, flow_run_id, output)

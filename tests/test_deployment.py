@@ -1,104 +1,97 @@
-"""`prefect deployment run full-pipeline/embedded` through a real Prefect server and process worker."""
+"""`prefect deployment run full-pipeline/embedded` on a real Prefect server and process worker: the run's
+final state and artifacts through the API, and every step's output."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
-import urllib.request
 
 import pytest
 
-from infu.index import DatasetIndex
-from infu.raycluster import free_port
+from infu.manifest import read_manifest
+from infu.steps import pipeline_order
 
-from .test_flow import BIN, PROJECT_ROOT
-
-pytestmark = pytest.mark.slow
-
-
-def wait_healthy(url: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"Prefect server at {url} did not become healthy")
+from .conftest import pipeline_overrides
+from .test_flow import (
+    assert_captioned,
+    assert_evaluated,
+    assert_filtered,
+    assert_ingested,
+    assert_paired,
+    assert_trained,
+)
 
 
-def stop(process: subprocess.Popen) -> None:
-    """SIGINT (Prefect workers hang on SIGTERM), then make sure."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+@pytest.fixture(scope="module")
+def deployed(pipeline_run):
+    if pipeline_run.server is None:
+        pytest.skip("INFU_PIPELINE_RUN reuses a run folder: there is no deployment run to inspect")
+    return pipeline_run
 
 
-def test_deployment_runs_the_flow_on_a_process_worker(tmp_path):
-    api = f"http://127.0.0.1:{free_port()}/api"
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": api,
-        "INFU_ROOT": str(PROJECT_ROOT),
+def test_the_deployment_run_completes_every_step_as_a_ray_job(deployed):
+    server, run_dir = deployed.server, deployed.run_dir
+    assert "Flow run finished successfully in 'Completed'" in deployed.output
+    assert server.get(f"/flow_runs/{deployed.flow_run_id}")["state"]["type"] == "COMPLETED"
+    task_runs = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [deployed.flow_run_id]}}})
+    assert {run["name"]: run["state"]["type"] for run in task_runs} == {
+        **dict.fromkeys(pipeline_order(), "COMPLETED"),
+        "dashboard": "COMPLETED",
     }
-    port = api.split(":")[2].split("/")[0]
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    assert sorted(path.name.split("-")[0] for path in (run_dir / "_configs").iterdir()) == sorted(
+        pipeline_order()
+    )
+    assert_ingested(run_dir)
+    assert_filtered(run_dir)
+    assert_captioned(run_dir)
+    assert_trained(run_dir, steps=4)
+    metrics = (run_dir / "stage1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["cached_share"] for line in metrics] == [1.0] * 4, "stage 1 read the cache"
+    assert_paired(run_dir)
+    assert_evaluated(run_dir)
 
-    def spawn(name: str, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [str(BIN / "prefect"), *args],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=open(logs / f"{name}.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
 
-    def prefect(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "prefect"), *args],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+def test_every_step_has_its_table_and_progress_artifacts_and_the_run_links_its_dashboard(deployed):
+    artifacts = deployed.server.post(
+        "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [deployed.flow_run_id]}}}
+    )
+    by_key = {artifact["key"]: artifact for artifact in artifacts}
+    for step in pipeline_order():
+        manifest = read_manifest(deployed.run_dir / step)
+        table = {row["measure"]: row["value"] for row in json.loads(by_key[f"embedded-{step}"]["data"])}
+        assert table["job"] == "ran"
+        assert table["output"] == str(deployed.run_dir / step)
+        assert table["seconds"] == manifest["timings"]["seconds"]
+        counts = manifest.get("counts") or {}
+        for name in ("samples", "ok", "rejected"):
+            assert table.get(name) == counts.get(name), (step, name)
+        assert {
+            measure.removeprefix("rejected: "): value
+            for measure, value in table.items()
+            if measure.startswith("rejected: ")
+        } == counts.get("reasons", {})
+        assert table.get("steps") == manifest.get("steps"), step  # training steps
+        progress = by_key[f"embedded-{step}-progress"]
+        assert progress["type"] == "progress" and float(progress["data"]) == 100.0, step
+    link = by_key["embedded-dashboard"]
+    assert link["type"] == "markdown"  # Prefect stores a link as its markdown
+    dashboard = deployed.run_dir / "dashboard" / "index.html"
+    assert dashboard.resolve().as_uri() in link["data"] and dashboard.stat().st_size > 0
 
-    server = spawn("server", "server", "start", "--host", "127.0.0.1", "--port", port)
-    worker = None
-    try:
-        wait_healthy(api)
-        assert prefect("work-pool", "create", "infu", "--type", "process").returncode == 0
-        deployed = prefect("deploy", "--all")
-        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-        worker = spawn("worker", "worker", "start", "--pool", "infu")
-        run_dir = tmp_path / "run"
-        overrides = [f"run.run_dir={run_dir}", f"ingest.source.path={run_dir / 'sample_corpus'}"]
-        result = prefect(
-            "deployment",
-            "run",
-            "full-pipeline/embedded",
-            "--watch",
-            "--param",
-            f"overrides={json.dumps(overrides)}",
-            "--param",
-            'steps=["ingest"]',  # the deployment path is what is tested; test_flow runs every step
-        )
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output[-3000:] + (logs / "worker.log").read_text()[-3000:]
-        assert "Flow run finished successfully in 'Completed'" in output
-        assert DatasetIndex(run_dir / "ingest").count() == 18
-    finally:
-        if worker is not None:
-            stop(worker)
-        stop(server)
+
+def test_each_step_has_a_deployment_of_its_own_that_runs_it_alone(deployed):
+    """`prefect deployment run eval/embedded` on the finished run: the eval step's flow skips its job."""
+    flow_run_id, output = deployed.server.run_deployment(
+        "eval/embedded", overrides=pipeline_overrides(deployed.run_dir)
+    )
+    assert "Flow run finished successfully in 'Completed'" in output
+    (artifact,) = deployed.server.post(
+        "/artifacts/filter",
+        {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["embedded-eval"]}}},
+    )
+    assert json.loads(artifact["data"])[0] == {"measure": "job", "value": "skipped (output complete)"}
+    task_runs = deployed.server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    assert sorted(run["name"] for run in task_runs) == ["dashboard", "eval"]
+    deployments = deployed.server.post("/deployments/filter", {})
+    names = {(deployment["entrypoint"].rsplit(":", 1)[1], deployment["name"]) for deployment in deployments}
+    for step in pipeline_order():
+        assert {(f"{step}_flow", "embedded"), (f"{step}_flow", "flux-dev")} <= names

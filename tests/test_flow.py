@@ -15,15 +15,19 @@ import psutil
 import pytest
 import ray
 
+from flows.steps import job_resources
 from infu.captions import read_captions
+from infu.config import load_config
 from infu.index import DatasetIndex
+from infu.lineage import completed_manifest
+from infu.manifest import read_manifest
 from infu.raycluster import JobFailedError, free_port, run_job
 from infu.sample_corpus import build_sample_corpus, read_labels
-from infu.steps import get_step
+from infu.steps import StepError, get_step, pipeline_order, select_steps
 
-from .conftest import EMBEDDED, PROJECT_ROOT
+from .conftest import EMBEDDED, pipeline_overrides
+from .prefect_server import BIN, PROJECT_ROOT
 
-BIN = Path(sys.executable).parent
 EXPECTED_OUTCOMES = {"ok": 14, "bad_image": 1, "not_image": 1, "too_large": 1, "too_small": 1}
 FILTERED_OUTCOMES = {
     "ok": 10,
@@ -97,42 +101,56 @@ def assert_paired(run_dir: Path) -> None:
     assert_trained(run_dir, steps=2, step="stage2")
 
 
-def test_infu_run_drives_the_step_jobs_through_prefect_and_local_ray(tmp_path):
-    ray.shutdown()
-    short_training = ["--set", "stage1.steps=4", "--set", "stage1.checkpoint.every=2"]
-    short_training += ["--set", "synth.samples_per_reference=2", "--set", "stage2.steps=2"]
-    short_training += ["--set", "stage2.global_batch=2", "--set", "stage2.data.micro_batch=1"]
-    short_training += ["--set", "stage2.validation.every=null", "--set", "stage2.checkpoint.every=2"]
-    command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED), *in_run_dir(tmp_path)]
-    result = run([*command, *short_training])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"ingest output: {tmp_path / 'ingest'}" in result.stdout
-    assert f"filter output: {tmp_path / 'filter'}" in result.stdout
-    assert f"caption output: {tmp_path / 'caption'}" in result.stdout
-    assert f"precompute output: {tmp_path / 'precompute'}" in result.stdout
-    assert f"stage1 output: {tmp_path / 'stage1'}" in result.stdout
-    assert f"spms output: {tmp_path / 'spms'}" in result.stdout
-    assert "Flow run" in result.stderr + result.stdout and "Completed" in result.stderr + result.stdout
-    assert_ingested(tmp_path)
-    assert_filtered(tmp_path)
-    assert sorted(path.name.split("-")[0] for path in (tmp_path / "_configs").iterdir()) == [
-        "benchmark",
-        "caption",
-        "eval",
-        "filter",
-        "ingest",
-        "precompute",
-        "spms",
-        "stage1",
-        "stage2",
-        "synth",
+def test_a_rerun_skips_every_step_and_a_changed_threshold_reruns_from_the_filter(pipeline_run, tmp_path):
+    """`infu run` on a copy of the finished run (a moved run folder is still complete): unchanged, it
+    runs nothing; with a stricter face-size threshold it reruns the filter and, with `--stop-after
+    caption`, the caption step, never the ingest; every later step then has to run again."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(pipeline_run.run_dir, run_dir, symlinks=True)
+    overrides = pipeline_overrides(run_dir)
+    command = [str(BIN / "infu"), "run", "--config", str(EMBEDDED)]
+    command += [argument for override in overrides for argument in ("--set", override)]
+    result = run(command)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "all complete, nothing to run" in output
+    assert output.count("complete already, skipped") == len(pipeline_order())
+    written = {step: read_manifest(run_dir / step)["written_at"] for step in pipeline_order()}
+
+    # The filter's first job fails (its interpreter, run.python, exits 3 once): the task retry reruns it.
+    python = tmp_path / "python-failing-once"
+    python.write_text(
+        f'#!/bin/sh\necho "job env: $INFU_PROBE"\n'
+        f"if [ ! -e {tmp_path}/failed ]; then touch {tmp_path}/failed; exit 3; fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    execution = [f"run.python={python}", "run.job_retries=1", "run.retry_delay_s=0"]
+    execution += [
+        "filter.resources.job.memory_gb=0.5",  # not CPUs: the filter's workers take both of this Ray's
+        'filter.resources.job.runtime_env={"env_vars": {"INFU_PROBE": "set"}}',
     ]
-    assert_captioned(tmp_path)
-    assert_trained(tmp_path, steps=4)
-    metrics = (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["cached_share"] for line in metrics] == [1.0] * 4, "stage 1 read the cache"
-    assert_paired(tmp_path)
-    assert_evaluated(tmp_path)
+    stricter = "filter.thresholds.min_face_px=200"
+    settings = [argument for override in (*execution, stricter) for argument in ("--set", override)]
+    result = run([*command, *settings, "--stop-after", "caption"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "to run on Ray at" in output and ": filter, caption" in output
+    filter_jobs = re.findall(
+        r"submitted job (infu-embedded-filter-\S+) \(entrypoint_memory=536870912\)", output
+    )
+    assert [job.rsplit("-", 1)[1] for job in filter_jobs] == ["1", "2"], "retried once as a new attempt"
+    assert "job env: set" in output, "the step's runtime env reached its job"
+    assert read_manifest(run_dir / "ingest")["written_at"] == written["ingest"]
+    config = load_config(EMBEDDED, [*overrides, stricter])
+    for step in ("filter", "caption"):
+        assert completed_manifest(config, step)["written_at"] > written[step]
+    kept = DatasetIndex(run_dir / "filter").reason_counts()["ok"]
+    assert kept < FILTERED_OUTCOMES["ok"]
+    assert_captioned(run_dir, kept=kept)
+    later = pipeline_order()[pipeline_order().index("caption") + 1 :]
+    assert [step for step in later if completed_manifest(config, step) is None] == later
+    assert (run_dir / "_superseded").is_dir(), "the old filter output was moved aside, not deleted"
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +319,34 @@ def test_cli_reports_config_errors_and_builds_the_corpus(tmp_path):
     assert valid.returncode == 0 and "ingest: identity" in valid.stdout
     corpus = run([str(BIN / "infu"), "sample-corpus", str(tmp_path / "corpus")])
     assert corpus.returncode == 0 and len(read_labels(tmp_path / "corpus")) == 18
+
+
+def test_steps_are_selected_by_name_and_range_in_pipeline_order(tmp_path):
+    ingest_only = tmp_path / "ingest.yaml"
+    ingest_only.write_text("ingest:\n  source: {kind: folder, path: photos, dataset: d}\n")
+    with pytest.raises(StepError, match="step filter has no section in this config; its steps: ingest"):
+        select_steps(load_config(ingest_only), stop_after="filter")
+    config = load_config(EMBEDDED)
+    assert select_steps(config) == pipeline_order()
+    assert select_steps(config, start_from="caption", stop_after="stage1") == [
+        "caption",
+        "precompute",
+        "stage1",
+    ]
+    assert select_steps(config, only=["eval", "ingest"], stop_after="filter") == ["ingest"]
+    for only, start_from, stop_after, message in [
+        (["nope"], None, None, "unknown step 'nope'"),
+        (None, "stage2", "filter", "start_from stage2 comes after stop_after filter"),
+        (["eval"], None, "filter", "select no step"),
+    ]:
+        with pytest.raises(StepError, match=message):
+            select_steps(config, only, start_from, stop_after)
+
+
+def test_a_steps_job_reserves_its_driver_resources_and_runtime_env():
+    config = load_config(EMBEDDED, ["stage1.resources.job.num_gpus=1", "stage1.resources.job.memory_gb=2"])
+    assert job_resources(config, "stage1") == ({"entrypoint_num_gpus": 1, "entrypoint_memory": 2 * 2**30}, {})
+    assert job_resources(config, "ingest") == ({}, {})
+    assert config.step_hash("stage1") == load_config(EMBEDDED).step_hash("stage1"), (
+        "resources are no identity"
+    )

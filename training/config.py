@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from infu.captions import MixtureConfig
-from infu.config import Resources, Section
+from infu.config import JobResources, Resources, Section
 from infu.model.config import LATENT_PIXEL_MULTIPLE
 from infu.paths import ResolvedPath
 from training.plan import PlanConfig, accumulation_steps
@@ -82,6 +82,7 @@ class TrainResources(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    job: JobResources = JobResources()
 
 
 class TrainConfig(Section):

@@ -33,6 +33,7 @@ from infu.draws import draw_seed
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, trained_export
 from infu.model.config import LATENT_PIXEL_MULTIPLE
+from infu.progress import write_progress
 from infu.quality.torch_utils import TORCH_DTYPES
 from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
 from training.config import TrainConfig, ValidationConfig
@@ -242,6 +243,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         if writer is not None:
             with open(out_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
+            write_progress(out_dir, step_name, step, settings.steps, "steps")
             for name, value in metrics.items():
                 if name != "step":
                     writer.add_scalar(f"train/{name}", value, step)
