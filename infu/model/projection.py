@@ -56,7 +56,8 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out)
 
 
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """LayerNorm, then a bias-free GELU MLP widening ``mult`` times (IP-Adapter's resampler block)."""
     return nn.Sequential(
         nn.LayerNorm(dim),
         nn.Linear(dim, dim * mult, bias=False),
@@ -90,7 +91,7 @@ class IdentityProjection(ModelMixin, ConfigMixin):
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)])
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(dim, output_dim)

@@ -62,8 +62,9 @@ def tiny_transformer(
     )
 
 
-def tiny_vae() -> AutoencoderKL:
-    """FLUX-like VAE: 16 latent channels, 8x downsampling, FLUX's scaling/shift factors."""
+def tiny_autoencoder(latent_channels: int, **options: Any) -> AutoencoderKL:
+    """A tiny ``AutoencoderKL`` with 8x downsampling (4 blocks) and ``latent_channels``; ``options`` are the
+    family's own (scaling factor...)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -71,13 +72,17 @@ def tiny_vae() -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=16,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+        **options,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    """FLUX-like VAE: 16 latent channels, 8x downsampling, FLUX's scaling/shift factors."""
+    return tiny_autoencoder(
+        16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
     )
 
 
