@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from infu.config import ConfigError, InfuConfig, load_config
-from infu.face import BadImageError, NoFaceError, load_face_analyzer
+from infu.face import BadImageError, FaceAnalyzer, NoFaceError, load_face_analyzer
 
 MAX_IMAGE_SIDE = 4096
 """Largest width or height ``infu generate`` accepts (FLUX.1 works up to about 2 megapixels)."""
@@ -37,6 +37,8 @@ def generate(
 
     inference = config.model.inference
     analyzer = load_face_analyzer(config.face)
+    if config.model.family == "infinite_id":
+        return _generate_infinite_id(config, analyzer, id_images, prompt, out, seed, id_weights)
     embedding = identity_from_images(analyzer, id_images, id_weights)
     control = (
         None
@@ -52,10 +54,52 @@ def generate(
     return out
 
 
-def _check_request(config: InfuConfig, out: Path) -> None:
-    """Refuse, before anything loads, an image size beyond :data:`MAX_IMAGE_SIDE` and an ``out`` that is
-    a folder or whose folder does not exist."""
+def _generate_infinite_id(
+    config: InfuConfig,
+    analyzer: FaceAnalyzer,
+    id_images: Sequence[Path],
+    prompt: str,
+    out: Path,
+    seed: int,
+    id_weights: Sequence[float] | None,
+) -> Path:
+    """:func:`generate` for ``model.family: infinite_id``: the photos' faces are checked before the
+    models load; the mode, AdaIN and identity scale come from ``model.infinite_id``."""
+    import torch
+
+    from infu.model.conditioning import required_face
+    from infu.model.factory import build_infinite_id_pipeline
+
+    for image in id_images:
+        required_face(analyzer, image)
+    pipeline = build_infinite_id_pipeline(config.model, face_analyzer=analyzer)
+    pipeline.set_progress_bar_config(disable=True)
+    settings, inference = config.model.infinite_id, config.model.inference
+    image = pipeline(
+        prompt,
+        id_images=list(id_images),
+        id_weights=id_weights,
+        mode=settings.mode,
+        adain=settings.adain,
+        identity_scale=settings.identity_scale,
+        width=inference.width,
+        height=inference.height,
+        num_inference_steps=inference.num_steps,
+        guidance_scale=inference.guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    image.save(out, format="PNG")
+    return out
+
+
+def _check_request(config: InfuConfig, out: Path, control_image: Path | None) -> None:
+    """Refuse, before anything loads, a pose control the model family has none for, an image size beyond
+    :data:`MAX_IMAGE_SIDE` and an ``out`` that is a folder or whose folder does not exist."""
     inference = config.model.inference
+    if control_image is not None and config.model.family != "infu":
+        raise typer.BadParameter(
+            f"model.family {config.model.family} takes no pose control", param_hint="--control-image"
+        )
     if max(inference.width, inference.height) > MAX_IMAGE_SIDE:
         raise typer.BadParameter(
             f"{inference.width}x{inference.height}: width and height must be at most {MAX_IMAGE_SIDE}",
@@ -106,7 +150,7 @@ def generate_command(
         typer.Option("--id-weight", help="mixing weight per --id-image, in order (default: equal)"),
     ] = None,
 ) -> None:
-    """Generate an identity-preserved image with InfU."""
+    """Generate an identity-preserved image with InfU (or Infinite-ID: model.family in the config)."""
     from infu.model.mixing import normalise_weights
 
     settings = {"num_steps": steps, "width": width, "height": height}
@@ -115,7 +159,7 @@ def generate_command(
         run_config = load_config(config, overrides)
     except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint="--config/--steps/--width/--height") from None
-    _check_request(run_config, out)
+    _check_request(run_config, out, control_image)
     id_weights = id_weights or None
     try:
         normalise_weights(id_weights, len(id_image))

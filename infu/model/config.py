@@ -1,4 +1,5 @@
-"""Model settings: base FLUX transformer, InfuseNet, identity projection, LoRAs, inference defaults."""
+"""Model settings: the family (InfU on FLUX, Infinite-ID on SDXL), base model, InfuseNet, identity projection,
+LoRAs, inference defaults."""
 
 from __future__ import annotations
 
@@ -108,6 +109,27 @@ TINY_INFERENCE = {"width": 96, "height": 128, "num_steps": 4, "max_sequence_leng
 """Tiny variant's inference defaults: a CPU-sized image and schedule."""
 
 
+class InfiniteIdSettings(BaseModel):
+    """Infinite-ID (``family: infinite_id``): its trained adapter, image tower and inference switches
+    (the ablations: ``mode: mutual``, ``adain: full`` or null)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: ResolvedPath | None = Field(None, description="InfiniteIdAdapter folder (full variant)")
+    open_clip: ResolvedPath | None = Field(
+        None, description="OpenCLIP ViT-H/14 folder: open_clip_config.json + weights (full variant)"
+    )
+    mode: Literal["plain", "mixed", "mutual"] = "mixed"
+    adain: Literal["mean", "full"] | None = "mean"
+    identity_scale: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _adain_needs_two_streams(self) -> InfiniteIdSettings:
+        if self.adain is not None and self.mode == "plain":
+            raise ValueError("adain aligns the identity stream to the text stream: use mode mixed or mutual")
+        return self
+
+
 class ModelConfig(BaseModel):
     """``variant: tiny`` builds random-init models of the real architectures (CPU, seconds).
 
@@ -119,8 +141,13 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    family: Literal["infu", "infinite_id"] = Field(
+        "infu", description="infu: InfuseNet on FLUX; infinite_id: Infinite-ID's adapter on SDXL"
+    )
     variant: Literal["tiny", "full"] = "tiny"
-    base_model: str | None = Field(None, description="FLUX.1-dev diffusers folder or hub id (full variant)")
+    base_model: str | None = Field(
+        None, description="FLUX.1-dev (family infu) or SDXL (infinite_id) diffusers folder (full variant)"
+    )
     infu_model: ResolvedPath | None = Field(None, description="InfU checkpoint root in the released layout")
     infu_version: str = "aes_stage2"
     infusenet_factor: int = Field(4, ge=1, description="i: InfuseNet has 1/i of the base blocks")
@@ -135,6 +162,7 @@ class ModelConfig(BaseModel):
         description="8-bit weights (optimum-quanto) for the FLUX transformer and the InfuseNet, as the "
         "release offers; LoRAs must then be fused first (fuse_loras: true)",
     )
+    infinite_id: InfiniteIdSettings = InfiniteIdSettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -156,6 +184,18 @@ class ModelConfig(BaseModel):
             )
         if self.variant == "tiny" and self.base_model:
             raise ValueError(f"base_model ({self.base_model!r}) is only used by variant full, not tiny")
+        return self
+
+    @model_validator(mode="after")
+    def _family_settings(self) -> ModelConfig:
+        if self.family == "infinite_id":
+            unused = [name for name in ("infu_model", "loras", "quantize") if getattr(self, name)]
+            if unused:
+                raise ValueError(f"{', '.join(unused)}: InfU settings, not used by family infinite_id")
+            missing = [name for name in ("adapter", "open_clip") if getattr(self.infinite_id, name) is None]
+            if self.variant == "full" and missing:
+                needed = " and ".join(f"infinite_id.{name}" for name in missing)
+                raise ValueError(f"family infinite_id, variant full needs {needed}")
         return self
 
     @model_validator(mode="after")

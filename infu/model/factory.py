@@ -1,4 +1,5 @@
-"""Build an :class:`InfUFluxPipeline` from a :class:`ModelConfig` (tiny random models or real weights)."""
+"""Build a pipeline from a :class:`ModelConfig` (tiny random models or real weights): an
+:class:`InfUFluxPipeline`, or for ``family: infinite_id`` an :class:`InfiniteIdPipeline`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from diffusers.utils.torch_utils import get_device
 
 from infu.face import FaceAnalyzer
 from infu.model.config import ModelConfig
+from infu.model.infinite_id import InfiniteIdPipeline
 from infu.model.infu import InfU
 from infu.model.infusenet import infusenet_block_counts
 from infu.model.pipeline import InfUFluxPipeline
@@ -26,6 +28,16 @@ FLUX_COMPONENTS = (
     "tokenizer_2",
     "transformer",
 )
+
+
+def require_infu_family(config: ModelConfig) -> None:
+    """The FLUX builders serve ``family: infu`` only; Infinite-ID has :func:`build_infinite_id_pipeline`
+    (its training and evaluation steps are not built yet)."""
+    if config.family != "infu":
+        raise ValueError(
+            f"model.family {config.family}: this builds InfU on FLUX; use build_infinite_id_pipeline "
+            "(the training and evaluation steps run family infu only, for now)"
+        )
 
 
 def load_infu(config: ModelConfig, transformer: FluxTransformer2DModel, dtype: torch.dtype) -> InfU:
@@ -64,6 +76,7 @@ def build_encoders(
     """The base's frozen VAE and text encoders (with tokenizers and scheduler) as a ``FluxPipeline``
     without its transformer: what a sample's image and caption encode with, the same weights
     :func:`build_pipeline` loads."""
+    require_infu_family(config)
     dtype = dtype or (torch.bfloat16 if config.variant == "full" else torch.float32)
     if config.variant == "tiny":
         components = tiny_flux_components(config.projection.output_dim, config.tiny_seed)
@@ -84,6 +97,7 @@ def build_pipeline(
     ``dtype`` defaults to bfloat16 for the full variant and float32 for the tiny one. ``cpu_offload``
     needs an accelerator; without one it is skipped (logged) and the pipeline stays on ``device``.
     """
+    require_infu_family(config)
     dtype = dtype or (torch.bfloat16 if config.variant == "full" else torch.float32)
     if config.variant == "tiny":
         components = tiny_flux_components(config.projection.output_dim, config.tiny_seed)
@@ -110,3 +124,19 @@ def build_pipeline(
     if config.cpu_offload:
         logger.info("cpu_offload needs an accelerator and none was found: the models stay on %s", device)
     return pipeline.to(device)
+
+
+def build_infinite_id_pipeline(
+    config: ModelConfig, face_analyzer: FaceAnalyzer | None = None, dtype: torch.dtype | None = None
+) -> InfiniteIdPipeline:
+    """Tiny: random SDXL, OpenCLIP and adapter from ``tiny_seed``. Full: SDXL from ``base_model``, the
+    adapter and the image tower from ``infinite_id.adapter`` / ``infinite_id.open_clip`` (local only)."""
+    if config.variant == "tiny":
+        return InfiniteIdPipeline.tiny(config.tiny_seed, face_analyzer=face_analyzer)
+    return InfiniteIdPipeline.from_local(
+        config.base_model,
+        config.infinite_id.adapter,
+        config.infinite_id.open_clip,
+        face_analyzer=face_analyzer,
+        dtype=dtype or torch.float16,
+    )
