@@ -8,6 +8,7 @@ import json
 import pytest
 
 from infu.manifest import read_manifest
+from infu.progress import latest_progress
 from infu.steps import pipeline_order
 
 from .conftest import pipeline_overrides
@@ -72,6 +73,12 @@ def test_every_step_has_its_table_and_progress_artifacts_and_the_run_links_its_d
         assert table.get("steps") == manifest.get("steps"), step  # training steps
         progress = by_key[f"embedded-{step}-progress"]
         assert progress["type"] == "progress" and float(progress["data"]) == 100.0, step
+        record = latest_progress(deployed.run_dir / step)  # what the job wrote, shards or training steps
+        assert record["done"] == record["total"] > 0, step
+        assert (
+            progress["description"]
+            == f"{record['label']}: {record['done']}/{record['total']} {record['unit']}"
+        )
     link = by_key["embedded-dashboard"]
     assert link["type"] == "markdown"  # Prefect stores a link as its markdown
     dashboard = deployed.run_dir / "dashboard" / "index.html"

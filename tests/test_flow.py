@@ -21,6 +21,7 @@ from infu.config import load_config
 from infu.index import DatasetIndex
 from infu.lineage import completed_manifest
 from infu.manifest import read_manifest
+from infu.progress import latest_progress, percent, write_progress
 from infu.raycluster import JobFailedError, free_port, run_job
 from infu.sample_corpus import build_sample_corpus, read_labels
 from infu.steps import StepError, get_step, pipeline_order, select_steps
@@ -351,4 +352,18 @@ def test_a_steps_job_reserves_its_driver_resources_and_runtime_env():
     assert job_resources(config, "ingest") == ({}, {})
     assert config.step_hash("stage1") == load_config(EMBEDDED).step_hash("stage1"), (
         "resources are no identity"
+    )
+
+
+def test_the_newest_progress_record_of_a_step_is_the_one_shown(tmp_path):
+    assert latest_progress(tmp_path) is None
+    (tmp_path / "decide").mkdir()
+    write_progress(tmp_path / "decide", "filter: decide", 2, 2, "shards")
+    write_progress(tmp_path, "filter: write", 1, 4, "shards")
+    record = latest_progress(tmp_path)
+    assert (record["label"], record["done"], record["total"], percent(record)) == (
+        "filter: write",
+        1,
+        4,
+        25.0,
     )
