@@ -30,6 +30,11 @@ FLUX_COMPONENTS = (
 )
 
 
+def default_dtype(config: ModelConfig) -> torch.dtype:
+    """bfloat16 for real weights, float32 for the tiny models (CPU)."""
+    return torch.bfloat16 if config.variant == "full" else torch.float32
+
+
 def require_infu_family(config: ModelConfig) -> None:
     """The FLUX builders serve ``family: infu`` only; Infinite-ID has :func:`build_infinite_id_pipeline`
     (its training and evaluation steps are not built yet)."""
@@ -77,7 +82,7 @@ def build_encoders(
     without its transformer: what a sample's image and caption encode with, the same weights
     :func:`build_pipeline` loads."""
     require_infu_family(config)
-    dtype = dtype or (torch.bfloat16 if config.variant == "full" else torch.float32)
+    dtype = dtype or default_dtype(config)
     if config.variant == "tiny":
         components = tiny_flux_components(config.projection.output_dim, config.tiny_seed)
         pipeline = FluxPipeline(**{**components, "transformer": None})
@@ -98,7 +103,7 @@ def build_pipeline(
     needs an accelerator; without one it is skipped (logged) and the pipeline stays on ``device``.
     """
     require_infu_family(config)
-    dtype = dtype or (torch.bfloat16 if config.variant == "full" else torch.float32)
+    dtype = dtype or default_dtype(config)
     if config.variant == "tiny":
         components = tiny_flux_components(config.projection.output_dim, config.tiny_seed)
     else:
