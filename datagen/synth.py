@@ -33,7 +33,7 @@ from datagen.prompts import PromptBank, PromptSampler, axis_distribution, gender
 from datagen.swap import build_swapper
 from datagen.swap.config import SwapConfig
 from infu.config import InfuConfig
-from infu.draws import draw_seed, stable_uniform
+from infu.draws import draw_seed, stable_uniform, weighted_index
 from infu.face import Face, FaceConfig, cosine_similarity, face_rows, largest_face, load_face_analyzer
 from infu.images import BadImageError, decode_image
 from infu.lineage import upstream_inputs
@@ -190,9 +190,9 @@ class GenerateStage(Stage):
 
     def _lora_set(self, key: str, index: int) -> LoraSet:
         sets = self.settings.lora_sets
-        bounds = np.cumsum([lora_set.weight for lora_set in sets])
-        target = stable_uniform(self.settings.seed, key, index, "lora_set") * bounds[-1]
-        return sets[min(int(np.searchsorted(bounds, target, side="right")), len(sets) - 1)]
+        return sets[
+            weighted_index([lora_set.weight for lora_set in sets], self.settings.seed, key, index, "lora_set")
+        ]
 
     def _generate(
         self, reference: dict[str, Any], prompt: str, seed: int, lora_set: LoraSet, pose: dict | None

@@ -11,9 +11,7 @@ among those that have text for the sample. Draws are a pure function of (seed, s
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Mapping
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from infu.config import Section
-from infu.draws import stable_uniform
+from infu.draws import stable_uniform, weighted_index
 from infu.shards import parquet_paths
 
 CAPTION_SOURCES = ("original", "attribute", "small", "blip2", "internvl2")
@@ -127,8 +125,6 @@ class CaptionMixture:
         ]
         if not available:
             return None, ""
-        bounds = list(accumulate(weight for _, weight, _ in available))
-        target = stable_uniform(seed, key, epoch, "source") * bounds[-1]
-        # min(): a product rounded up to the total still picks the last source
-        source, _, text = available[min(bisect_right(bounds, target), len(available) - 1)]
+        index = weighted_index([weight for _, weight, _ in available], seed, key, epoch, "source")
+        source, _, text = available[index]
         return source, text

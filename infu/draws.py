@@ -4,6 +4,9 @@ process: seeds and uniform numbers hashed from their parts."""
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate
 
 
 def stable_uniform(*parts: object) -> float:
@@ -17,3 +20,11 @@ def stable_uniform(*parts: object) -> float:
 def draw_seed(*parts: object) -> int:
     """A 53-bit seed (``torch.Generator``, ``numpy.random.default_rng``) depending only on ``parts``."""
     return int(stable_uniform(*parts) * 2**53)
+
+
+def weighted_index(weights: Sequence[float], *parts: object) -> int:
+    """An index into ``weights`` (non-negative, summing above 0) drawn in proportion to them by
+    :func:`stable_uniform` of ``parts``."""
+    bounds = list(accumulate(weights))
+    target = stable_uniform(*parts) * bounds[-1]
+    return min(bisect_right(bounds, target), len(bounds) - 1)  # a product rounded up still picks the last

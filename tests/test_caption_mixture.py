@@ -19,6 +19,7 @@ from infu.captions import (
     read_caption_rows,
     read_captions,
 )
+from infu.draws import weighted_index
 from infu.shards import shard_name, stats_path
 
 DRAWS = 10_000
@@ -171,3 +172,10 @@ def test_read_captions_reads_the_committed_shards_by_key(tmp_path):
     write_shard(tmp_path, 3, ROWS[:1])
     with pytest.raises(ValueError, match="sample celeba-1 is in shards 000000 and 000003"):
         read_captions(tmp_path)
+
+
+def test_a_weighted_index_follows_the_weights_and_only_its_parts():
+    draws = [weighted_index([1, 0, 3], "seed", key) for key in range(4000)]
+    assert draws == [weighted_index([1, 0, 3], "seed", key) for key in range(4000)]
+    assert 1 not in draws
+    assert abs(draws.count(2) / len(draws) - 0.75) < 0.03
