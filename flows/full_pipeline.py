@@ -67,7 +67,7 @@ def progress_artifact(config: InfuConfig, step: str) -> Iterator[None]:
     finally:
         stopped.set()
         watcher.join()
-    report()
+        report()  # where the job got to, also when it failed (a retry gets an artifact of its own)
     update_progress_artifact(artifact, 100.0)
 
 

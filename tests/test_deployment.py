@@ -55,7 +55,8 @@ def test_every_step_has_its_table_and_progress_artifacts_and_the_run_links_its_d
     artifacts = deployed.server.post(
         "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [deployed.flow_run_id]}}}
     )
-    by_key = {artifact["key"]: artifact for artifact in artifacts}
+    # The newest of a key: a retried step has a progress artifact per attempt.
+    by_key = {artifact["key"]: artifact for artifact in sorted(artifacts, key=lambda found: found["created"])}
     for step in pipeline_order():
         manifest = read_manifest(deployed.run_dir / step)
         table = {row["measure"]: row["value"] for row in json.loads(by_key[f"embedded-{step}"]["data"])}
