@@ -291,6 +291,23 @@ def test_partial_run_renders_what_is_there_and_names_what_is_missing(run_dir, tm
     assert 'id="chart-hist-filter-face_size"' in page and 'id="chart-caption-sources"' not in page
 
 
+def test_the_dashboard_command_writes_the_snapshot_and_refuses_a_missing_folder(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "ingest").symlink_to(run_dir / "ingest")
+    result = CliRunner().invoke(app, ["dashboard", str(partial), "--snapshot"])
+    assert result.exit_code == 0 and f"wrote {partial / 'dashboard' / 'index.html'}" in result.output
+    assert funnel_table((partial / "dashboard" / "index.html").read_text()) == {
+        "ingest": DatasetIndex(run_dir / "ingest").reason_counts()
+    }
+    missing = CliRunner().invoke(app, ["dashboard", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "is not a folder" in missing.output
+
+
 def test_empty_run_folder_renders(tmp_path):
     page = write_snapshot(tmp_path).read_text()
     assert "No step of this run has committed rows yet." in page and funnel_table(page) == {}
