@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from infu.index import DatasetIndex
 from infu.manifest import read_manifest
 from infu.runner import run_reduce
 from infu.sample_corpus import build_sample_corpus, read_labels
-from infu.shards import committed_shards, iter_samples, ray_records, ray_samples, read_records
+from infu.shards import committed_shards, iter_samples, ray_records, ray_samples, read_records, shard_name
 
 from .conftest import EMBEDDED, PROJECT_ROOT, kill_step_job_midway
 
@@ -114,20 +115,33 @@ def test_rerun_with_another_config_supersedes_the_old_output(local_ray, corpus, 
 
 @pytest.mark.slow
 def test_killed_job_resumes_to_the_same_rows(local_ray, corpus, tmp_path):
-    """SIGKILL the job (driver and its local Ray) mid-run; the rerun equals an uninterrupted run."""
+    """SIGKILL the job (driver and its local Ray) once 17 of its 18 one-file shards are committed while
+    the last one's listing hangs unread (a FIFO nobody writes to: the one-file shards commit within
+    milliseconds of each other, so a kill timed between two commits was a race); the rerun, with the
+    listing file back, equals an uninterrupted run."""
     one_per_shard = ["ingest.shard_size=1", "ingest.resources.concurrency=1"]
     reference = embedded_config(tmp_path / "reference", corpus, *one_per_shard)
     run_ingest(reference)
 
     interrupted = embedded_config(tmp_path / "interrupted", corpus, *one_per_shard)
     out_dir = interrupted.step_dir("ingest")
+    source = open_source(interrupted.step("ingest").source)
+    run_reduce(
+        out_dir / LISTING, interrupted.step_hash("ingest"), lambda folder: write_listing(source, 1, folder)
+    )
+    stalled = out_dir / LISTING / f"{shard_name(4)}.parquet"
+    listing = stalled.read_bytes()
+    stalled.unlink()
+    os.mkfifo(stalled)
     overrides = [f"run.run_dir={tmp_path / 'interrupted'}", f"ingest.source.path={corpus}", *one_per_shard]
-    done_before_kill = kill_step_job_midway("ingest", EMBEDDED, overrides, out_dir, after=4)
-    assert 4 <= done_before_kill < 18, "the kill should land mid-run"
+    done_before_kill = kill_step_job_midway("ingest", EMBEDDED, overrides, out_dir, after=17)
+    assert done_before_kill == 17 and shard_name(4) not in committed_shards(out_dir)
 
+    stalled.unlink()
+    stalled.write_bytes(listing)
     manifest = run_ingest(interrupted)
-    assert manifest["run"]["shards_skipped"] == done_before_kill
-    assert manifest["run"]["shards_written"] == 18 - done_before_kill
+    assert manifest["run"]["shards_skipped"] == 17
+    assert manifest["run"]["shards_written"] == 1
     assert comparable(read_records(out_dir)) == comparable(read_records(reference.step_dir("ingest")))
     assert not (out_dir / "_tmp").exists()
 
