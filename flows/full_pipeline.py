@@ -71,8 +71,8 @@ def progress_artifact(config: InfuConfig, step: str) -> Iterator[None]:
     update_progress_artifact(artifact, 100.0)
 
 
-def step_table(step: str, manifest: dict[str, Any], ran: bool) -> list[dict[str, Any]]:
-    """The rows of a step's table artifact: what ran, samples in and out, reject reasons, timings."""
+def step_table(manifest: dict[str, Any], ran: bool, out_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a step's table artifact: what ran, samples in and out, reject reasons, timings, where."""
     counts = manifest.get("counts") or {}
     rows = [{"measure": "job", "value": "ran" if ran else "skipped (output complete)"}]
     rows += [
@@ -87,7 +87,7 @@ def step_table(step: str, manifest: dict[str, Any], ran: bool) -> list[dict[str,
     seconds = (manifest.get("timings") or {}).get("seconds")
     if seconds is not None:
         rows.append({"measure": "seconds", "value": seconds})
-    rows.append({"measure": "output", "value": str(manifest.get("output") or "")})
+    rows.append({"measure": "output", "value": str(out_dir)})
     return rows
 
 
@@ -102,7 +102,7 @@ def step_task(step: str, config: str, overrides: list[str], address: str, local:
         ran = run_step(run_config, step, address, local, log=logger.info)
     manifest = read_manifest(out_dir) or {}
     create_table_artifact(
-        step_table(step, {**manifest, "output": out_dir}, ran),
+        step_table(manifest, ran, out_dir),
         key=artifact_key(run_config, step),
         description=f"**{step}**: counts, reject reasons and timings of {out_dir}",
     )
@@ -154,7 +154,7 @@ def run_steps(
             state = "complete already, skipped" if results[step]["skipped"] else "done"
             print(f"{step}: {state}: {results[step]['output']} {results[step]['counts']}")
     dashboard = dashboard_task(config, overrides)
-    print(f"dashboard: {dashboard} (serve it: infu dashboard {Path(run_config.run.run_dir)})")
+    print(f"dashboard: {dashboard} (serve it: infu dashboard {run_config.run.run_dir})")
     return results
 
 

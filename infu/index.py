@@ -13,6 +13,15 @@ from infu.records import SAMPLE_SCHEMA
 from infu.shards import parquet_paths
 
 
+def query_rows(
+    connection: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Run ``sql`` (``$name`` parameters from ``params``) on ``connection``; the rows as dicts by column."""
+    result = connection.execute(sql, params or None)
+    names = [column[0] for column in result.description]
+    return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+
+
 class DatasetIndex:
     """All committed shards of one or more step output folders, as one table named ``samples``."""
 
@@ -30,9 +39,7 @@ class DatasetIndex:
         """Run SQL against the ``samples`` view; ``$name`` parameters come from ``params``."""
         with duckdb.connect() as connection:
             connection.register("samples", self.dataset)
-            result = connection.execute(sql, params or None)
-            names = [column[0] for column in result.description]
-            return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+            return query_rows(connection, sql, params)
 
     def reason_counts(self) -> dict[str, int]:
         """Samples per outcome: ``ok`` or the reject reason."""

@@ -133,12 +133,11 @@ def select_steps(
         get_step(name)
         if name not in configured:
             raise StepError(f"step {name} has no section in this config; its steps: {', '.join(configured)}")
-    selected = [name for name in configured if only is None or name in only]
     first = configured.index(start_from) if start_from else 0
     last = configured.index(stop_after) if stop_after else len(configured) - 1
     if first > last:
         raise StepError(f"start_from {start_from} comes after stop_after {stop_after}")
-    selected = [name for name in selected if first <= configured.index(name) <= last]
+    selected = [name for name in configured[first : last + 1] if only is None or name in only]
     if not selected:
         raise StepError("these settings select no step")
     return selected

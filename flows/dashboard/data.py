@@ -22,7 +22,7 @@ from PIL import Image
 
 from infu.captions import CAPTION_SOURCES
 from infu.images import BadImageError, decode_image, extension_for_mime
-from infu.index import DatasetIndex
+from infu.index import DatasetIndex, query_rows
 from infu.manifest import read_manifest
 from infu.shards import TarReader, parquet_paths, tar_paths
 from infu.steps import registry
@@ -133,9 +133,7 @@ class StepTable:
     def query(self, sql: str, **params: Any) -> list[dict[str, Any]]:
         """Run SQL against the ``samples`` view; ``$name`` parameters come from ``params``."""
         with self._lock:
-            result = self._connection.execute(sql, params or None)
-            names = [column[0] for column in result.description]
-            return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+            return query_rows(self._connection, sql, params)
 
     @property
     def has_dataset(self) -> bool:
