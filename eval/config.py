@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from infu.config import Resources, Section
+from infu.model.config import InfiniteIdSwitches
 from infu.paths import ResolvedPath
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -23,6 +24,14 @@ class BaselineImages(Section):
 
     images: ResolvedPath
     mapping: ResolvedPath
+
+
+class InfiniteIdAblation(InfiniteIdSwitches):
+    """An Infinite-ID ablation: the model version ``model`` (a name in ``models`` or ``checkpoints``)
+    generated with these inference switches (unset ones: the paper's inference, mixed attention with
+    AdaIN-mean) instead of ``model.infinite_id``'s."""
+
+    model: str
 
 
 class BenchmarkConfig(Section):
@@ -44,9 +53,16 @@ class BenchmarkConfig(Section):
         description="training steps of this run whose exports are evaluated (stage1, stage2)",
     )
     checkpoints: dict[str, ResolvedPath] = Field(
-        default_factory=dict, description="further InfU checkpoints (released layout) by name"
+        default_factory=dict,
+        description="further checkpoints by name: InfU's released layout (model.family infu), "
+        "InfiniteIdAdapter folders (infinite_id)",
     )
     baselines: dict[str, BaselineImages] = Field(default_factory=dict)
+    ablations: dict[str, InfiniteIdAblation] = Field(
+        default_factory=dict,
+        description="Infinite-ID ablations by name (model.family infinite_id): a model version of "
+        "models or checkpoints with some of model.infinite_id's switches changed",
+    )
     pairs_per_shard: int = Field(64, ge=1)
     resources: Resources = Resources()
 
@@ -57,10 +73,22 @@ class BenchmarkConfig(Section):
         unknown = [name for name in self.models if name not in TRAINED_MODELS]
         if unknown:
             raise ValueError(f"models {unknown} are not training steps; known: {list(TRAINED_MODELS)}")
-        names = [*self.models, *self.checkpoints, *self.baselines]
+        names = [*self.models, *self.checkpoints, *self.baselines, *self.ablations]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
-            raise ValueError(f"model names repeat across models, checkpoints and baselines: {repeated}")
+            raise ValueError(
+                f"model names repeat across models, checkpoints, baselines and ablations: {repeated}"
+            )
+        generated = [*self.models, *self.checkpoints]
+        unbased = {
+            name: ablation.model
+            for name, ablation in self.ablations.items()
+            if ablation.model not in generated
+        }
+        if unbased:
+            raise ValueError(
+                f"ablations {unbased}: their model must be a name in models or checkpoints: {generated}"
+            )
         bad = [name for name in names if not re.match(MODEL_NAME, name)]
         if bad:
             raise ValueError(f"model names {bad} must match {MODEL_NAME} (they name shards)")

@@ -1,13 +1,15 @@
 """``python -m eval generate`` (step ``benchmark``): the benchmark's images, for every model version.
 
 The pairs are every identity with every prompt its gender pairs with (:mod:`eval.benchmark`), one image
-per seed. A model version is a training step's export of this run (``models``), an InfU checkpoint
-(``checkpoints``), or another method's images (``baselines``, placed by a mapping file). One map phase:
-each shard is ``pairs_per_shard`` pairs of one version; ``generate`` (the step's GPUs) loads a version's
-pipeline once per worker and makes each image from the identity photo's embedding, the prompt and the
-pair's seed (a baseline's image is read and checked instead). Every pair is a row: an image that cannot
-be made or found is a rejected row with the reason, and is counted by the scores. A killed run resumes
-at the first shard not committed; images are seeded, so a rerun makes the same ones.
+per seed. A model version is a training step's export of this run (``models``), a checkpoint
+(``checkpoints``), another method's images (``baselines``, placed by a mapping file) or, for
+``model.family: infinite_id``, an ablation (``ablations``: a version's adapter with inference switches
+of its own). One map phase: each shard is ``pairs_per_shard``
+pairs of one version; ``generate`` (the step's GPUs) loads a version's pipeline (InfU, or Infinite-ID's
+with the version's adapter) once per worker and makes each image from the identity photo's face, the
+prompt and the pair's seed (a baseline's image is read and checked instead). Every pair is a row: an
+image that cannot be made or found is a rejected row with the reason, and is counted by the scores. A
+killed run resumes at the first shard not committed; images are seeded, so a rerun makes the same ones.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pyarrow as pa
 import yaml
 
 from eval.benchmark import Benchmark, Pair, pairs, sample_corpus_identities
-from eval.config import BaselineImages, BenchmarkConfig
+from eval.config import BaselineImages, BenchmarkConfig, InfiniteIdAblation
 from infu.config import InfuConfig
 from infu.face import FaceConfig, NoFaceError, load_face_analyzer
 from infu.identities import Identity, folder_identities
@@ -170,34 +172,53 @@ def benchmark_tasks(
     settings: BenchmarkConfig, inputs: dict[str, Path], pair_list: list[Pair]
 ) -> list[ShardTask]:
     """One task per ``pairs_per_shard`` pairs of each model version: its rows and where its images come
-    from (a checkpoint, or a baseline's files)."""
-    versions: list[tuple[str, str, str | None, dict[tuple[str, str, int], Path]]] = [
-        (model, "trained", str(trained_export(inputs[model])), {}) for model in settings.models
+    from (a checkpoint, with an ablation's inference switches, or a baseline's files)."""
+    checkpoints = {model: str(trained_export(inputs[model])) for model in settings.models}
+    checkpoints |= {name: str(path) for name, path in settings.checkpoints.items()}
+    versions: list[tuple[str, str, str | None, dict[str, Any], dict[tuple[str, str, int], Path]]] = [
+        (model, "trained", checkpoints[model], {}, {}) for model in settings.models
     ]
-    versions += [(name, "checkpoint", str(path), {}) for name, path in settings.checkpoints.items()]
+    versions += [(name, "checkpoint", checkpoints[name], {}, {}) for name in settings.checkpoints]
     versions += [
-        (name, "baseline", None, baseline_images(baseline, pair_list, name))
+        (name, "ablation", checkpoints[ablation.model], ablation.switches(), {})
+        for name, ablation in settings.ablations.items()
+    ]
+    versions += [
+        (name, "baseline", None, {}, baseline_images(baseline, pair_list, name))
         for name, baseline in settings.baselines.items()
     ]
     size = settings.pairs_per_shard
     tasks = []
-    for model, source, checkpoint, placed in versions:
+    for model, source, checkpoint, switches, placed in versions:
         for number, start in enumerate(range(0, len(pair_list), size)):
             rows = pair_rows(model, source, pair_list[start : start + size])
             for row in rows:
                 image = placed.get((row["identity"], row["prompt_id"], row["seed_index"]))
                 row["image_file"] = str(image) if image else None
-            tasks.append(ShardTask(f"{model}-{number:05d}", {"checkpoint": checkpoint, "rows": rows}))
+            ref = {"checkpoint": checkpoint, "switches": switches, "rows": rows}
+            tasks.append(ShardTask(f"{model}-{number:05d}", ref))
     return tasks
 
 
 def read_rows(ref: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"checkpoint": ref["checkpoint"], "row": row} for row in ref["rows"]]
+    return [{"checkpoint": ref["checkpoint"], "switches": ref["switches"], "row": row} for row in ref["rows"]]
+
+
+def check_ablations(config: InfuConfig) -> None:
+    """Ablations set Infinite-ID's inference switches: a :class:`StepError` unless ``model.family`` is
+    infinite_id."""
+    ablations: dict[str, InfiniteIdAblation] = config.step(STEP).ablations
+    if ablations and config.model.family != "infinite_id":
+        raise StepError(
+            f"benchmark.ablations ({', '.join(ablations)}) set Infinite-ID's inference switches: they "
+            f"need model.family infinite_id, not {config.model.family}"
+        )
 
 
 class GenerateStage(Stage):
     """GPU: each row's image, from its model version's pipeline (loaded once per worker and version) or
-    read from a baseline's file."""
+    read from a baseline's file. ``embeddings`` holds each identity photo's InfU embedding, or its
+    Infinite-ID face features (image tower hidden states and embedding: the same for every adapter)."""
 
     name = "generate"
     uses_gpu = True
@@ -213,31 +234,46 @@ class GenerateStage(Stage):
     def setup(self) -> None:
         self.analyzer = load_face_analyzer(self.face)
         # prompts are recorded whole in the rows; the text encoders' token budgets cut long ones
-        logging.getLogger("diffusers.pipelines.flux.pipeline_flux").setLevel(logging.ERROR)
+        for pipeline in ("flux.pipeline_flux", "stable_diffusion_xl.pipeline_stable_diffusion_xl"):
+            logging.getLogger(f"diffusers.pipelines.{pipeline}").setLevel(logging.ERROR)
 
     def pipeline(self, checkpoint: str) -> Any:
-        """The pipeline of ``checkpoint`` (the previous one is released first)."""
-        from infu.model.factory import build_pipeline
+        """The pipeline of ``checkpoint``: an InfU checkpoint, or for ``model.family: infinite_id`` an
+        Infinite-ID adapter folder (the previous pipeline is released first)."""
+        from infu.model.factory import build_infinite_id_pipeline, build_pipeline
 
         if self.loaded is None or self.loaded[0] != checkpoint:
             self.loaded = None
-            model = self.model.model_copy(update={"infu_model": Path(checkpoint)})
-            pipeline = build_pipeline(model, self.analyzer, self.device)
+            if self.model.family == "infinite_id":
+                settings = self.model.infinite_id.model_copy(update={"adapter": Path(checkpoint)})
+                model = self.model.model_copy(update={"infinite_id": settings})
+                pipeline = build_infinite_id_pipeline(model, self.analyzer, self.device)
+            else:
+                model = self.model.model_copy(update={"infu_model": Path(checkpoint)})
+                pipeline = build_pipeline(model, self.analyzer, self.device)
             pipeline.set_progress_bar_config(disable=True)
             self.loaded = (checkpoint, pipeline)
         return self.loaded[1]
 
-    def identity(self, photo: str) -> Any:
+    def identity(self, photo: str, checkpoint: str) -> Any:
+        """The photo's InfU embedding or Infinite-ID face features, once per photo; raises
+        :class:`NoFaceError` when it has no face."""
+        import torch
+
         from infu.model.conditioning import identity_from_images
 
         if photo not in self.embeddings:
-            self.embeddings[photo] = identity_from_images(self.analyzer, [Path(photo)])
+            if self.model.family == "infinite_id":
+                with torch.no_grad():
+                    self.embeddings[photo] = self.pipeline(checkpoint).face_features(Path(photo))
+            else:
+                self.embeddings[photo] = identity_from_images(self.analyzer, [Path(photo)])
         return self.embeddings[photo]
 
     def process(self, items: list[dict[str, Any]]) -> list[StageOutput]:
-        return [self.make(item["row"], item["checkpoint"]) for item in items]
+        return [self.make(item["row"], item["checkpoint"], item["switches"]) for item in items]
 
-    def make(self, row: dict[str, Any], checkpoint: str | None) -> StageOutput:
+    def make(self, row: dict[str, Any], checkpoint: str | None, switches: dict[str, Any]) -> StageOutput:
         import torch
 
         row = dict(row)
@@ -245,7 +281,7 @@ class GenerateStage(Stage):
         if row["source"] == "baseline":
             return self.read_baseline(row, image_file)
         try:
-            embedding = self.identity(row["photo"])
+            identity = self.identity(row["photo"], checkpoint or "")
         except NoFaceError as error:  # the identity photo's fault: the row's reason
             row.update(
                 status=Status.REJECTED.value,
@@ -255,8 +291,24 @@ class GenerateStage(Stage):
             return StageOutput(row)
         generator = torch.Generator(self.device).manual_seed(row["seed"])
         pipeline = self.pipeline(checkpoint or "")
-        image = pipeline(row["prompt"], id_embedding=embedding, generator=generator).images[0]
+        if self.model.family == "infinite_id":
+            image = self.infinite_id_image(pipeline, row["prompt"], identity, switches, generator)
+        else:
+            image = pipeline(row["prompt"], id_embedding=identity, generator=generator).images[0]
         return StageOutput(row, png_bytes(image), "png")
+
+    def infinite_id_image(
+        self, pipeline: Any, prompt: str, features: Any, switches: dict[str, Any], generator: Any
+    ) -> Any:
+        """An Infinite-ID image with ``model.infinite_id``'s inference switches, ``switches`` (an
+        ablation's) applied, and ``model.inference``'s size, steps and guidance."""
+        import torch
+
+        settings = self.model.infinite_id.model_copy(update=switches)
+        sampling = self.model.model_copy(update={"infinite_id": settings}).infinite_id_sampling()
+        with torch.no_grad():
+            tokens = pipeline.encode_identity(*features)
+        return pipeline(prompt, id_embeddings=tokens, generator=generator, **sampling).images[0]
 
     @staticmethod
     def read_baseline(row: dict[str, Any], image_file: str | None) -> StageOutput:
@@ -279,6 +331,7 @@ class GenerateStage(Stage):
 def run_benchmark(config: InfuConfig) -> dict[str, Any]:
     """Make every benchmark image of every model version; returns the step's manifest."""
     settings: BenchmarkConfig = config.step(STEP)
+    check_ablations(config)
     inputs = upstream_inputs(config, STEP)
     benchmark, identities, pair_list = benchmark_pairs(settings)
     tasks = benchmark_tasks(settings, inputs, pair_list)
@@ -313,5 +366,9 @@ def run_benchmark(config: InfuConfig) -> dict[str, Any]:
             "identities": len(identities),
             "pairs": len(pair_list),
         },
-        models=[*settings.models, *settings.checkpoints, *settings.baselines],
+        models=[*settings.models, *settings.checkpoints, *settings.ablations, *settings.baselines],
+        ablations={
+            name: {"model": ablation.model, **ablation.switches()}
+            for name, ablation in settings.ablations.items()
+        },
     )

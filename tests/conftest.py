@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,8 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="infu-tests-prefec
 
 EMBEDDED = PROJECT_ROOT / "configs" / "embedded.yaml"
 """The embedded profile's config, which most tests run."""
+INFINITE_ID_EMBEDDED = PROJECT_ROOT / "configs" / "infinite-id-embedded.yaml"
+"""The embedded profile with model.family infinite_id (tiny SDXL, dlib face stack)."""
 SHARED_ROOT = Path(os.environ.get("INFU_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
 
 
@@ -185,6 +188,24 @@ def shared_models() -> Path:
 @pytest.fixture(scope="session")
 def shared_specs() -> Path:
     return _shared("specs")
+
+
+def training_losses(run_dir: Path, step: str = "stage1") -> dict[int, float]:
+    """Step -> loss of a training step's ``metrics.jsonl`` in ``run_dir``."""
+    lines = (run_dir / step / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+
+
+def assert_trains_as(config, reference_run: Path) -> None:
+    """Run ``config``'s stage 1 and check each of its losses equals ``reference_run``'s at that step."""
+    from training.train import run_training
+
+    with ray_unless_running():
+        run_training(config, "stage1")
+    reference, losses = training_losses(reference_run), training_losses(config.run.run_dir)
+    assert sorted(losses) == list(range(1, config.stage1.steps + 1))
+    for step, loss in losses.items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
 
 
 def copy_step_outputs(source: Path, dest: Path, steps: tuple[str, ...]) -> None:

@@ -156,3 +156,17 @@ def test_step_hash_tracks_output_relevant_settings_only():
 def test_a_loaded_config_pickles(tmp_path):
     config = load_config(CONFIGS / "embedded.yaml", [f"run.run_dir={tmp_path}"])
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+@pytest.mark.parametrize(
+    "profile", sorted((PROJECT_ROOT / "configs").glob("*.yaml")), ids=lambda path: path.stem
+)
+def test_a_config_written_out_whole_reads_back_the_same(profile, tmp_path):
+    """The flow hands each job the validated config written out whole (defaults included): reading it
+    back must give the same config, so no setting may depend on whether a key was written."""
+    from infu.config import dump_config
+
+    config = load_config(profile, [f"run.run_dir={tmp_path / 'run'}"])
+    written = tmp_path / "written.yaml"
+    written.write_text(dump_config(config))
+    assert load_config(written) == config

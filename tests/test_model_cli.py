@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from infu.model.cli import generate_command
 
-from .conftest import PROJECT_ROOT
+from .conftest import INFINITE_ID_EMBEDDED
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed:FutureWarning")
 
@@ -166,22 +166,30 @@ def test_sizes_and_out_are_checked_before_generating(astronaut, config_file, tmp
     assert not (tmp_path / "x.png").exists()
 
 
-INFINITE_ID = PROJECT_ROOT / "configs" / "infinite-id-embedded.yaml"
-
-
 def test_infinite_id_generates_from_its_config_and_refuses_a_pose_control(astronaut, pose_photo, tmp_path):
     out = tmp_path / "infinite-id.png"
     base = ["generate", "--id-image", astronaut, "--prompt", "a portrait, oil painting"]
-    result = invoke([*base, "--config", str(INFINITE_ID), "--out", str(out), "--steps", "2"])
+    result = invoke([*base, "--config", str(INFINITE_ID_EMBEDDED), "--out", str(out), "--steps", "2"])
     assert result.exit_code == 0, result.output
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (96, 128)
         pixels = np.asarray(image)
     again = tmp_path / "again.png"
-    assert invoke([*base, "--config", str(INFINITE_ID), "--out", str(again), "--steps", "2"]).exit_code == 0
+    assert (
+        invoke([*base, "--config", str(INFINITE_ID_EMBEDDED), "--out", str(again), "--steps", "2"]).exit_code
+        == 0
+    )
     assert np.array_equal(np.asarray(Image.open(again)), pixels), "a seed gives the same image"
     refused = invoke(
-        [*base, "--config", str(INFINITE_ID), "--out", str(tmp_path / "x.png"), "--control-image", pose_photo]
+        [
+            *base,
+            "--config",
+            str(INFINITE_ID_EMBEDDED),
+            "--out",
+            str(tmp_path / "x.png"),
+            "--control-image",
+            pose_photo,
+        ]
     )
     assert refused.exit_code == 2 and "takes no pose control" in refused.output
 
@@ -190,7 +198,7 @@ def test_model_family_settings_are_checked(tmp_path):
     from infu.model.config import ModelConfig
     from infu.model.factory import build_encoders, build_pipeline
 
-    with pytest.raises(ValueError, match="needs infinite_id.adapter and infinite_id.open_clip"):
+    with pytest.raises(ValueError, match="variant full needs infinite_id.open_clip"):
         ModelConfig(family="infinite_id", variant="full", base_model=str(tmp_path))
     with pytest.raises(ValueError, match="infu_model: InfU settings, not used by family infinite_id"):
         ModelConfig(family="infinite_id", infu_model=tmp_path)

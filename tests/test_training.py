@@ -26,7 +26,15 @@ from training.objective import FlowMatchingObjective, FrozenEncoders, sample_tim
 from training.precompute import caption_texts, run_precompute, step_cache
 from training.train import CHECKPOINTS_DIR, METRICS_FILE, VALIDATION_DIR, run_training
 
-from .conftest import EMBEDDED, copy_step_outputs, corpus_overrides, kill_step_job_midway, ray_unless_running
+from .conftest import (
+    EMBEDDED,
+    assert_trains_as,
+    copy_step_outputs,
+    corpus_overrides,
+    kill_step_job_midway,
+    ray_unless_running,
+    training_losses,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed:FutureWarning")
 
@@ -163,11 +171,6 @@ def test_only_infusenet_and_projection_get_gradients_from_the_velocity_loss(samp
     assert pipeline.infusenet.controlnet_blocks[0].weight.grad.abs().sum() > 0
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "stage1" / METRICS_FILE).read_text().splitlines()
-    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
-
-
 def copy_inputs(source: Path, dest: Path) -> None:
     copy_step_outputs(source, dest, ("ingest", "filter", "caption"))
 
@@ -190,7 +193,7 @@ def trained(captioned_corpus, tmp_path_factory):
 
 def test_two_fsdp_workers_learn_over_200_steps(trained):
     config, manifest = trained
-    curve = losses(config.run.run_dir)
+    curve = training_losses(config.run.run_dir)
     assert sorted(curve) == list(range(1, LEARNING_STEPS + 1))
     first, last = (
         np.mean([curve[step] for step in range(1, 31)]),
@@ -241,12 +244,7 @@ def test_one_worker_accumulating_trains_as_two_fsdp_workers_do(trained, tmp_path
         [*corpus_overrides(tmp_path), "stage1.steps=5", "stage1.resources.workers=1"],
     )
     assert single.stage1.accumulation_steps() == 2 and config.stage1.accumulation_steps() == 1
-    with ray_unless_running():
-        run_training(single, "stage1")
-    two_workers, one_worker = losses(config.run.run_dir), losses(tmp_path)
-    assert sorted(one_worker) == [1, 2, 3, 4, 5]
-    for step, loss in one_worker.items():
-        assert loss == pytest.approx(two_workers[step], rel=1e-5), step
+    assert_trains_as(single, config.run.run_dir)
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_losses(trained, tmp_path):
@@ -264,8 +262,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_losses(trained, tmp_path):
     with ray_unless_running():
         manifest = run_training(resumed, "stage1")
     assert manifest["resumed_from_step"] == KILL_AFTER
-    uninterrupted = losses(config.run.run_dir)
-    assert losses(tmp_path) == {step: uninterrupted[step] for step in range(1, RESUME_STEPS + 1)}
+    uninterrupted = training_losses(config.run.run_dir)
+    assert training_losses(tmp_path) == {step: uninterrupted[step] for step in range(1, RESUME_STEPS + 1)}
 
 
 # the precompute step: stage 1's frozen-encoder outputs cached once

@@ -1,10 +1,11 @@
 """Training state in torch distributed checkpoints (sharded: each worker writes its own part), and the
 export of a consolidated InfU checkpoint in the released layout.
 
-A checkpoint holds the trainable model (InfuseNet + projection; the frozen base is rebuilt from its
-config), the AdamW state, the LR schedule, the step and the data plan's position, and each worker's RNG
-states. Ray Train merges the workers' folders into one checkpoint and registers it only once every worker
-has reported it (so it is committed whole or not at all), and keeps the newest ``keep``.
+A checkpoint holds the trainable model (InfU: InfuseNet + projection; Infinite-ID: the adapter; the
+frozen base is rebuilt from its config), the AdamW state, the LR schedule, the step and the data plan's
+position, and each worker's RNG states. Ray Train merges the workers' folders into one checkpoint and
+registers it only once every worker has reported it (so it is committed whole or not at all), and keeps
+the newest ``keep``.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ def rng_states() -> dict[str, Any]:
 
 def save_training_state(
     folder: Path,
-    infu: InfU,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     progress: dict[str, int],
     rank: int,
 ) -> None:
     """Every worker writes its shards of the state into ``folder`` (a collective call)."""
-    model_state, optimizer_state = get_state_dict(infu, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {
         "model": model_state,
         "optimizer": optimizer_state,
@@ -61,10 +62,10 @@ def save_training_state(
 
 
 def load_training_state(
-    folder: Path, infu: InfU, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int
 ) -> dict[str, int]:
     """Restore what :func:`save_training_state` wrote (a collective call); returns the progress."""
-    model_state, optimizer_state = get_state_dict(infu, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {
         "model": model_state,
         "optimizer": optimizer_state,
@@ -72,7 +73,7 @@ def load_training_state(
         "progress": {"step": 0, "position": 0},
     }
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(infu, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     saved_rng = rng_file(folder, rank)
     if saved_rng.exists():  # absent when the worker count changed: draws are seeded by step anyway

@@ -38,7 +38,8 @@ class DataConfig(Section):
 
 
 class TimestepConfig(Section):
-    """Flow-matching timesteps t in (0, 1): logit-normal(mean, std) as in SD3/FLUX training, or uniform."""
+    """Timesteps: u in (0, 1), logit-normal(mean, std) as in SD3/FLUX training, or uniform. Flow matching
+    (InfU) trains at t = u; noise prediction (Infinite-ID) at step floor(u x 1000) (uniform: DDPM's)."""
 
     sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     logit_mean: float = 0.0
@@ -86,10 +87,13 @@ class TrainResources(Section):
 
 
 class TrainConfig(Section):
-    """Train InfuseNet + the identity projection on a frozen base with conditional flow matching."""
+    """Train the model family's trainable part on a frozen base: InfuseNet + the identity projection with
+    conditional flow matching (InfU), or the Infinite-ID adapter with noise prediction."""
 
     init: ResolvedPath | None = Field(
-        None, description="InfU checkpoint (released layout) to start from; null: fresh from the base"
+        None,
+        description="a checkpoint of the model family to start from (InfU: the released layout; "
+        "Infinite-ID: an adapter folder); null: fresh from the base",
     )
     steps: int = Field(300_000, ge=1)
     global_batch: int = Field(512, ge=1, description="samples per optimiser step over all workers")

@@ -51,6 +51,7 @@ from PIL import Image
 
 from infu.captions import CaptionMixture, read_caption_rows
 from infu.draws import stable_uniform
+from infu.face import align_face
 from infu.face.control import black_control, draw_keypoints_control
 from infu.images import decode_image
 from infu.model.config import LATENT_PIXEL_MULTIPLE
@@ -139,11 +140,20 @@ class PlannedSamples(ABC):
     producer = ""
     """The step writing the shards (named when they are missing)."""
 
-    def __init__(self, shards_dir: Path, data: DataConfig, embedding_space: str, global_batch: int):
+    def __init__(
+        self,
+        shards_dir: Path,
+        data: DataConfig,
+        embedding_space: str,
+        global_batch: int,
+        reference_faces: int | None = None,
+    ):
         self.shards_dir = Path(shards_dir)
         self.data = data
         self.embedding_space = embedding_space
         self.global_batch = global_batch
+        self.reference_faces = reference_faces
+        """Side of the aligned reference face crop each sample carries (None: no crop)."""
         self.shards = committed_shards(self.shards_dir)
         if not self.shards:
             raise StepError(f"no committed shards in {self.shards_dir}: run the {self.producer} step first")
@@ -248,11 +258,26 @@ class PlannedSamples(ABC):
             "left_over_per_epoch": sum(plan.left_over.values()),
         }
 
-    def validation_identities(self, count: int) -> torch.Tensor:
-        """``[count, D]`` unit identity embeddings of the first ``count`` trainable samples by key."""
-        refs = sorted(self.trainable(), key=lambda ref: ref.key)[:count]
+    def validation_references(self, count: int) -> list[SampleRef]:
+        """The first ``count`` trainable samples by key: the identities validation images show."""
+        return sorted(self.trainable(), key=lambda ref: ref.key)[:count]
+
+    def unit_embeddings(self, refs: list[SampleRef]) -> torch.Tensor:
+        """``[len(refs), D]``: the unit identity embeddings the rows of ``refs`` give."""
         embeddings = [self.identity_embedding(self.shard_records(ref.shard)[ref.key]) for ref in refs]
         return torch.nn.functional.normalize(torch.tensor(embeddings, dtype=torch.float32), dim=-1)
+
+    def reference_face(self, ref: SampleRef) -> torch.Tensor:
+        """``[3, S, S]`` in [0, 1]: the ArcFace-aligned crop (``reference_faces`` px) of ``ref``'s largest
+        face, from its keypoints, as the Infinite-ID pipeline crops an identity photo."""
+        record = self.shard_records(ref.shard)[ref.key]
+        image = decode_image(self.images.read({"record": record, "tar": self.tar(ref)}))
+        kps = np.asarray(record["faces"][0]["keypoints"], dtype=np.float32).reshape(5, 2)
+        crop = align_face(np.asarray(image), kps * (image.width / record["width"]), size=self.reference_faces)
+        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255
+
+    def tar(self, ref: SampleRef) -> str:
+        return str(self.shards_dir / f"{ref.shard}.tar")
 
     # reading samples ----------------------------------------------------------------------------------
 
@@ -276,12 +301,14 @@ class PlannedSamples(ABC):
             "id_embedding": torch.tensor(embedding, dtype=torch.float32),
             "text": entry.text(prompt) if entry is not None and prompt else None,
         }
+        if self.reference_faces is not None:
+            sample["reference_face"] = self.reference_face(reference)
         if entry is not None and entry.latent is not None:
             sample["latent_parameters"] = entry.latent
             sample["control_parameters"] = None if dropped else entry.control
             return sample
-        tar = str(self.shards_dir / f"{ref.shard}.tar")
-        target, control = bucket_images(self.images.read({"record": record, "tar": tar}), record, ref.size)
+        data = self.images.read({"record": record, "tar": self.tar(ref)})
+        target, control = bucket_images(data, record, ref.size)
         sample["pixels"] = to_pixels(target)
         sample["control"] = to_pixels(black_control(ref.size) if dropped or control is None else control)
         return sample
@@ -302,6 +329,8 @@ class PlannedSamples(ABC):
                 torch.stack([sample["id_embedding"] for sample in samples]), dim=-1
             ),
         }
+        if self.reference_faces is not None:
+            batch["reference_face"] = torch.stack([sample["reference_face"] for sample in samples])
         if "latent_parameters" in samples[0]:
             batch["latent_parameters"] = torch.stack([sample["latent_parameters"] for sample in samples])
             batch["control_parameters"] = [sample["control_parameters"] for sample in samples]
@@ -338,9 +367,15 @@ class TrainingSamples(PlannedSamples):
     producer = "filter"
 
     def __init__(
-        self, filter_dir: Path, captions_dir: Path, data: DataConfig, embedding_space: str, global_batch: int
+        self,
+        filter_dir: Path,
+        captions_dir: Path,
+        data: DataConfig,
+        embedding_space: str,
+        global_batch: int,
+        reference_faces: int | None = None,
     ):
-        super().__init__(filter_dir, data, embedding_space, global_batch)
+        super().__init__(filter_dir, data, embedding_space, global_batch, reference_faces)
         self.captions_dir = Path(captions_dir)
         self.mixture = CaptionMixture(data.mixture)
         require_captions(self.shards, self.captions_dir)
@@ -403,16 +438,24 @@ class PairSamples(PlannedSamples):
 
 
 def step_samples(
-    inputs: Mapping[str, Path | str], settings: TrainConfig, embedding_space: str
+    inputs: Mapping[str, Path | str],
+    settings: TrainConfig,
+    embedding_space: str,
+    reference_faces: int | None = None,
 ) -> PlannedSamples:
     """A training step's samples from the folders it reads (:func:`infu.lineage.upstream_inputs`), for
-    a projection taking ``embedding_space`` embeddings: the SPMS pairs when it reads ``spms`` (stage 2),
-    else the filter's portraits and their captions (stage 1)."""
+    a model taking ``embedding_space`` embeddings (and aligned reference face crops of ``reference_faces``
+    px when set): the SPMS pairs when it reads ``spms`` (stage 2), else the filter's portraits and their
+    captions (stage 1)."""
     data, global_batch = settings.data, settings.global_batch
     if "spms" in inputs:
+        if reference_faces is not None:
+            raise StepError(
+                "SPMS pairs hold their reference's embedding, not its face crop: train InfU on them"
+            )
         return PairSamples(Path(inputs["spms"]), data, embedding_space, global_batch)
     return TrainingSamples(
-        Path(inputs["filter"]), Path(inputs["caption"]), data, embedding_space, global_batch
+        Path(inputs["filter"]), Path(inputs["caption"]), data, embedding_space, global_batch, reference_faces
     )
 
 

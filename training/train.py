@@ -2,10 +2,11 @@
 on the filter's portraits, fresh from the base) and ``stage2`` (SFT on SPMS pairs, from the stage-1
 export unless ``init`` says otherwise).
 
-Each worker builds the pipeline (frozen FLUX parts, InfuseNet, projection), shards it
-(:mod:`training.parallelize`), resumes from Ray Train's latest checkpoint when there is one, then per
-optimiser step accumulates ``global_batch / (micro_batch x workers)`` micro batches of the flow-matching
-loss (:mod:`training.objective`), clips, steps AdamW and the LR schedule. Every draw (noise, timesteps,
+Each worker builds its model family's models (:mod:`training.family`; InfU: frozen FLUX parts, InfuseNet,
+projection; Infinite-ID: frozen SDXL, the adapter), sharded, resumes from Ray Train's latest checkpoint
+when there is one, then per optimiser step accumulates ``global_batch / (micro_batch x workers)`` micro
+batches of the family's loss (flow matching, :mod:`training.objective`; noise prediction,
+:mod:`training.infinite_id`), clips, steps AdamW and the LR schedule. Every draw (noise, timesteps,
 VAE sampling) comes from a generator seeded by (seed, step, slice of the step's samples), and the data
 plan restarts at its saved position, so a resumed run repeats the uninterrupted run's losses exactly (on
 CPU), and the worker count does not change what is trained.
@@ -32,12 +33,11 @@ from infu.config import InfuConfig
 from infu.draws import draw_seed
 from infu.lineage import upstream_inputs
 from infu.manifest import open_step_output, trained_export
-from infu.model.config import LATENT_PIXEL_MULTIPLE
 from infu.progress import write_progress
-from infu.quality.torch_utils import TORCH_DTYPES
-from training.checkpoint import EXPORT_DIR, export_infu, load_training_state, save_training_state
+from training.checkpoint import EXPORT_DIR, load_training_state, save_training_state
 from training.config import TrainConfig, ValidationConfig
 from training.data import step_samples, worker_batches
+from training.family import FamilyModels, TrainingFamily, training_family
 from training.precompute import step_cache
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -49,56 +49,39 @@ PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 @dataclass(frozen=True)
 class Trainer:
-    """What one worker trains with: the pipeline (frozen base, VAE, text encoders), the trainable InfU,
-    AdamW over its parameters with its schedule, and the objective."""
+    """What one worker trains with: its model family, the family's models (pipeline, the module that
+    trains, the objective), AdamW over the trainable parameters and its schedule."""
 
-    pipeline: Any
-    infu: Any
+    family: TrainingFamily
+    models: FamilyModels
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    objective: Any
 
 
 def build_trainer(
     config: InfuConfig, settings: TrainConfig, device: torch.device, init: Path | None = None
 ) -> Trainer:
-    """Build the models from ``init`` (a released-layout checkpoint; default ``settings.init``) or fresh
-    from the base, shard them (FSDP2 when a process group is up and ``settings.fsdp``), and AdamW with
-    linear warmup to a constant learning rate."""
+    """Build the family's models from ``init`` (an export of the family; default ``settings.init``) or
+    fresh, sharded (FSDP2 when a process group is up and ``settings.fsdp``), and AdamW with linear warmup
+    to a constant learning rate."""
     from diffusers.optimization import get_scheduler
 
-    from infu.model.factory import build_pipeline
-    from infu.model.infu import InfU
-    from training.objective import FlowMatchingObjective
-    from training.parallelize import parallelize
-
-    start = init if init is not None else settings.init
-    model = config.model.model_copy(update={"infu_model": start, "loras": [], "quantize": None})
-    pipeline = build_pipeline(model, device=device, dtype=TORCH_DTYPES[settings.param_dtype])
-    pipeline.set_progress_bar_config(disable=True)
-    infu = InfU(pipeline.image_proj, pipeline.infusenet)
-    parallelize(
-        pipeline.transformer,
-        infu,
-        fsdp=settings.fsdp and dist.is_initialized(),
-        activation_checkpointing=settings.activation_checkpointing,
-        param_dtype=TORCH_DTYPES[settings.param_dtype],
-        device=device,
-    )
-    params = [param for param in infu.parameters() if param.requires_grad]
+    family = training_family(config)
+    models = family.build(config, settings, device, init if init is not None else settings.init)
+    params = [param for param in models.model.parameters() if param.requires_grad]
     optim = settings.optimizer
     optimizer = torch.optim.AdamW(
         params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
     )
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=optim.warmup_steps)
-    objective = FlowMatchingObjective(pipeline, infu, settings, config.model.inference.max_sequence_length)
-    return Trainer(pipeline, infu, params, optimizer, scheduler, objective)
+    return Trainer(family, models, params, optimizer, scheduler)
 
 
 def validate(
-    pipeline: Any,
-    identities: torch.Tensor,
+    trainer: Trainer,
+    config: InfuConfig,
+    identities: list[Any],
     settings: ValidationConfig,
     folder: Path,
     writer: Any,
@@ -107,18 +90,19 @@ def validate(
     """Images of each validation identity for each fixed prompt, with fixed noise: every worker generates
     (the sharded models need all of them), rank 0 (the one with a ``writer``) saves PNGs and TensorBoard
     images."""
-    for identity, embedding in enumerate(identities):
+    device = trainer.params[0].device
+    for number_identity, identity in enumerate(identities):
         for number, prompt in enumerate(settings.prompts):
-            generator = torch.Generator(pipeline.transformer.device).manual_seed(settings.seed)
-            steps = settings.num_steps
-            image = pipeline(
-                prompt=prompt, id_embedding=embedding, num_inference_steps=steps, generator=generator
-            ).images[0]
+            generator = torch.Generator(device).manual_seed(settings.seed)
+            image = trainer.family.generate(
+                trainer.models, config, identity, prompt, settings.num_steps, generator
+            )
             if writer is not None:
+                name = f"identity{number_identity}_prompt{number}"
                 folder.mkdir(parents=True, exist_ok=True)
-                image.save(folder / f"identity{identity}_prompt{number}.png")
+                image.save(folder / f"{name}.png")
                 pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
-                writer.add_image(f"validation/identity{identity}_prompt{number}", pixels, step)
+                writer.add_image(f"validation/{name}", pixels, step)
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
@@ -135,7 +119,7 @@ class StepResult:
     grad_norm: float
     """Before clipping."""
     tokens: int
-    """Image tokens this worker trained on."""
+    """Image tokens (latent positions the model sees) this worker trained on."""
     cached_share: float
     """Share of this worker's samples whose latents came from the precompute cache."""
     epoch: int
@@ -162,11 +146,12 @@ def optimizer_step(
         batch = next(batches)
         sample_slice = micro * world + rank
         generator = torch.Generator(device).manual_seed(draw_seed(settings.seed, step, sample_slice))
-        loss = trainer.objective.loss(batch, generator) / accumulation
+        loss = trainer.models.objective.loss(batch, generator) / accumulation
         loss.backward()
         loss_sum += loss.detach()
         width, height = batch["size"]
-        tokens += len(batch["keys"]) * (height // LATENT_PIXEL_MULTIPLE) * (width // LATENT_PIXEL_MULTIPLE)
+        side = trainer.models.objective.pixels_per_token
+        tokens += len(batch["keys"]) * (height // side) * (width // side)
         cached += len(batch["keys"]) if "latent_parameters" in batch else 0
     clip = settings.optimizer.grad_clip
     if clip is not None:
@@ -201,21 +186,24 @@ def train_loop(payload: dict[str, Any]) -> None:
     torch.manual_seed(settings.seed)
 
     trainer = build_trainer(config, settings, device, Path(payload["init"]) if payload["init"] else None)
+    model = trainer.models.model
     progress = {"step": 0, "position": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            progress = load_training_state(
-                Path(folder), trainer.infu, trainer.optimizer, trainer.scheduler, rank
-            )
+            progress = load_training_state(Path(folder), model, trainer.optimizer, trainer.scheduler, rank)
         print(f"{step_name}: resumed at step {progress['step']} (data position {progress['position']})")
 
-    samples = step_samples(payload["inputs"], settings, config.model.projection.embedding_space)
-    samples.use_cache(step_cache(config, payload["inputs"], trainer.objective.encoders))
+    family = trainer.family
+    samples = step_samples(
+        payload["inputs"], settings, family.embedding_space(config), family.reference_faces(trainer.models)
+    )
+    encoders = getattr(trainer.models.objective, "encoders", None)
+    samples.use_cache(step_cache(config, payload["inputs"], encoders) if encoders is not None else None)
     accumulation = settings.accumulation_steps(world)
     batches = worker_batches(samples, rank, world, start=progress["position"])
     validation = settings.validation
-    identities = samples.validation_identities(validation.identities) if validation.every else None
+    identities = family.validation_identities(samples, validation.identities) if validation.every else []
     writer = None
     if rank == 0:
         trim_metrics(out_dir / METRICS_FILE, progress["step"])
@@ -256,13 +244,11 @@ def train_loop(payload: dict[str, Any]) -> None:
                 )
         if validation.every and step % validation.every == 0:
             folder = out_dir / VALIDATION_DIR / f"step_{step:09d}"
-            validate(trainer.pipeline, identities, validation, folder, writer, step)
+            validate(trainer, config, identities, validation, folder, writer, step)
         if step % settings.checkpoint.every == 0 or step == settings.steps:
             with tempfile.TemporaryDirectory() as folder:
                 saved = {"step": step, "position": position}
-                save_training_state(
-                    Path(folder), trainer.infu, trainer.optimizer, trainer.scheduler, saved, rank
-                )
+                save_training_state(Path(folder), model, trainer.optimizer, trainer.scheduler, saved, rank)
                 ray.train.report(
                     {"step": step, "loss": metrics["loss"]},
                     checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -271,7 +257,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             started, window_samples, window_tokens = time.perf_counter(), 0, 0
     if writer is not None:
         writer.close()
-    export_infu(trainer.infu, out_dir / EXPORT_DIR, config.model.infu_version, rank, f"step {settings.steps}")
+    family.export(trainer.models, out_dir / EXPORT_DIR, config, rank, f"step {settings.steps}")
 
 
 def last_checkpoint_step(folder: Path) -> int | None:
@@ -305,9 +291,12 @@ def run_training(config: InfuConfig, step_name: str) -> dict[str, Any]:
 
     settings: TrainConfig = config.step(step_name)
     inputs = upstream_inputs(config, step_name)
-    # before anything is written: a missing stage-1 export or a dataset that cannot batch fails here
+    # before anything is written: settings of another model family, a missing stage-1 export or a
+    # dataset that cannot batch fail here
+    family = training_family(config)
+    family.check(config, step_name)
     init = initial_checkpoint(settings, inputs)
-    data_summary = step_samples(inputs, settings, config.model.projection.embedding_space).summary()
+    data_summary = step_samples(inputs, settings, family.embedding_space(config)).summary()
     folders = {name: str(path) for name, path in inputs.items()}
     output = open_step_output(config, step_name, settings, **folders)
     resources = settings.resources

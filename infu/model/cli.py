@@ -74,19 +74,12 @@ def _generate_infinite_id(
         required_face(analyzer, image)
     pipeline = build_infinite_id_pipeline(config.model, face_analyzer=analyzer)
     pipeline.set_progress_bar_config(disable=True)
-    settings, inference = config.model.infinite_id, config.model.inference
     image = pipeline(
         prompt,
         id_images=list(id_images),
         id_weights=id_weights,
-        mode=settings.mode,
-        adain=settings.adain,
-        identity_scale=settings.identity_scale,
-        width=inference.width,
-        height=inference.height,
-        num_inference_steps=inference.num_steps,
-        guidance_scale=inference.guidance_scale,
         generator=torch.Generator().manual_seed(seed),
+        **config.model.infinite_id_sampling(),
     ).images[0]
     image.save(out, format="PNG")
     return out

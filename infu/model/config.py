@@ -109,25 +109,41 @@ TINY_INFERENCE = {"width": 96, "height": 128, "num_steps": 4, "max_sequence_leng
 """Tiny variant's inference defaults: a CPU-sized image and schedule."""
 
 
-class InfiniteIdSettings(BaseModel):
-    """Infinite-ID (``family: infinite_id``): its trained adapter, image tower and inference switches
-    (the ablations: ``mode: mutual``, ``adain: full`` or null)."""
+class InfiniteIdSwitches(BaseModel):
+    """Infinite-ID's inference switches; the paper's inference by default (mixed attention, AdaIN-mean),
+    its ablations with ``mode: mutual`` or ``plain``, ``adain: full`` or null."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    adapter: ResolvedPath | None = Field(None, description="InfiniteIdAdapter folder (full variant)")
-    open_clip: ResolvedPath | None = Field(
-        None, description="OpenCLIP ViT-H/14 folder: open_clip_config.json + weights (full variant)"
-    )
     mode: Literal["plain", "mixed", "mutual"] = "mixed"
     adain: Literal["mean", "full"] | None = "mean"
     identity_scale: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
-    def _adain_needs_two_streams(self) -> InfiniteIdSettings:
+    def _adain_needs_two_streams(self) -> InfiniteIdSwitches:
         if self.adain is not None and self.mode == "plain":
             raise ValueError("adain aligns the identity stream to the text stream: use mode mixed or mutual")
         return self
+
+    def switches(self) -> dict[str, Any]:
+        """``{"mode": ..., "adain": ..., "identity_scale": ...}``."""
+        return {name: getattr(self, name) for name in InfiniteIdSwitches.model_fields}
+
+
+class InfiniteIdSettings(InfiniteIdSwitches):
+    """Infinite-ID (``family: infinite_id``): its trained adapter, image tower, face embedding space and
+    inference switches."""
+
+    adapter: ResolvedPath | None = Field(
+        None, description="InfiniteIdAdapter folder (a training step's export); null: a fresh one (training)"
+    )
+    open_clip: ResolvedPath | None = Field(
+        None, description="OpenCLIP ViT-H/14 folder: open_clip_config.json + weights (full variant)"
+    )
+    embedding_space: EmbeddingSpace = Field(
+        "glintr100",
+        description="the face mapper's input: the space of face.recognizer (the release: insightface's)",
+    )
 
 
 class ModelConfig(BaseModel):
@@ -192,11 +208,21 @@ class ModelConfig(BaseModel):
             unused = [name for name in ("infu_model", "loras", "quantize") if getattr(self, name)]
             if unused:
                 raise ValueError(f"{', '.join(unused)}: InfU settings, not used by family infinite_id")
-            missing = [name for name in ("adapter", "open_clip") if getattr(self.infinite_id, name) is None]
-            if self.variant == "full" and missing:
-                needed = " and ".join(f"infinite_id.{name}" for name in missing)
-                raise ValueError(f"family infinite_id, variant full needs {needed}")
+            if self.variant == "full" and self.infinite_id.open_clip is None:
+                raise ValueError("family infinite_id, variant full needs infinite_id.open_clip")
         return self
+
+    def infinite_id_sampling(self) -> dict[str, Any]:
+        """``InfiniteIdPipeline.__call__`` keywords: ``infinite_id``'s switches and ``inference``'s size,
+        steps and guidance."""
+        inference = self.inference
+        return {
+            **self.infinite_id.switches(),
+            "width": inference.width,
+            "height": inference.height,
+            "num_inference_steps": inference.num_steps,
+            "guidance_scale": inference.guidance_scale,
+        }
 
     @model_validator(mode="after")
     def _loras_fused_before_quantizing(self) -> ModelConfig:

@@ -10,8 +10,9 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.utils.torch_utils import get_device
 
 from infu.face import FaceAnalyzer
+from infu.face.recognizer import EMBEDDING_DIMS
 from infu.model.config import ModelConfig
-from infu.model.infinite_id import InfiniteIdPipeline
+from infu.model.infinite_id import InfiniteIdAdapter, InfiniteIdPipeline
 from infu.model.infu import InfU
 from infu.model.infusenet import infusenet_block_counts
 from infu.model.pipeline import InfUFluxPipeline
@@ -36,12 +37,10 @@ def default_dtype(config: ModelConfig) -> torch.dtype:
 
 
 def require_infu_family(config: ModelConfig) -> None:
-    """The FLUX builders serve ``family: infu`` only; Infinite-ID has :func:`build_infinite_id_pipeline`
-    (its training and evaluation steps are not built yet)."""
+    """The FLUX builders serve ``family: infu`` only; Infinite-ID has :func:`build_infinite_id_pipeline`."""
     if config.family != "infu":
         raise ValueError(
-            f"model.family {config.family}: this builds InfU on FLUX; use build_infinite_id_pipeline "
-            "(the training and evaluation steps run family infu only, for now)"
+            f"model.family {config.family}: this builds InfU on FLUX; use build_infinite_id_pipeline"
         )
 
 
@@ -132,16 +131,36 @@ def build_pipeline(
 
 
 def build_infinite_id_pipeline(
-    config: ModelConfig, face_analyzer: FaceAnalyzer | None = None, dtype: torch.dtype | None = None
+    config: ModelConfig,
+    face_analyzer: FaceAnalyzer | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> InfiniteIdPipeline:
-    """Tiny: random SDXL, OpenCLIP and adapter from ``tiny_seed``. Full: SDXL from ``base_model``, the
-    adapter and the image tower from ``infinite_id.adapter`` / ``infinite_id.open_clip`` (local only)."""
+    """Tiny: random SDXL and OpenCLIP from ``tiny_seed``. Full: SDXL from ``base_model``, the image tower
+    from ``infinite_id.open_clip`` (local only). Either takes the adapter from ``infinite_id.adapter`` (a
+    trained export) or starts a fresh one whose face mapper takes ``infinite_id.embedding_space``
+    embeddings; ``face_analyzer`` must give embeddings of that space."""
+    settings = config.infinite_id
+    if face_analyzer is not None and face_analyzer.embedding_space != settings.embedding_space:
+        raise ValueError(
+            f"the face stack embeds into {face_analyzer.embedding_space} (face.recognizer) but the "
+            f"Infinite-ID face mapper takes {settings.embedding_space} (model.infinite_id.embedding_space)"
+        )
+    arcface_dim = EMBEDDING_DIMS[settings.embedding_space]
+    dtype = dtype or default_dtype(config)
     if config.variant == "tiny":
-        return InfiniteIdPipeline.tiny(config.tiny_seed, face_analyzer=face_analyzer)
-    return InfiniteIdPipeline.from_local(
-        config.base_model,
-        config.infinite_id.adapter,
-        config.infinite_id.open_clip,
-        face_analyzer=face_analyzer,
-        dtype=dtype or torch.float16,
-    )
+        adapter = None if settings.adapter is None else InfiniteIdAdapter.from_pretrained(settings.adapter)
+        pipeline = InfiniteIdPipeline.tiny(
+            config.tiny_seed, face_analyzer=face_analyzer, adapter=adapter, arcface_dim=arcface_dim
+        )
+    else:
+        pipeline = InfiniteIdPipeline.from_local(
+            config.base_model,
+            settings.adapter,
+            settings.open_clip,
+            face_analyzer=face_analyzer,
+            dtype=dtype,
+            arcface_dim=arcface_dim,
+        )
+    # a model already in dtype is not cast again (diffusers warns of every cast)
+    return pipeline.to(device) if pipeline.dtype == dtype else pipeline.to(device, dtype)

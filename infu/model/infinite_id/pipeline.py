@@ -136,36 +136,55 @@ class InfiniteIdPipeline(StableDiffusionXLPipeline):
     # construction -------------------------------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, face_analyzer: FaceAnalyzer | None = None) -> InfiniteIdPipeline:
-        """Tiny random SDXL, image tower and adapter (:mod:`infu.model.infinite_id.tiny`), seeded; the face
-        mapper takes the analyzer's embeddings (512-D without one)."""
+    def tiny(
+        cls,
+        seed: int = 0,
+        face_analyzer: FaceAnalyzer | None = None,
+        adapter: InfiniteIdAdapter | None = None,
+        arcface_dim: int | None = None,
+    ) -> InfiniteIdPipeline:
+        """Tiny random SDXL and image tower (:mod:`infu.model.infinite_id.tiny`), seeded, with ``adapter``
+        (a trained tiny one) or a fresh tiny adapter whose face mapper takes ``arcface_dim`` (default: the
+        analyzer's embedding size, else 512)."""
         components = tiny_sdxl_components(seed)
         clip_vision = OpenClipVision(tiny_open_clip_vision(seed))
-        arcface_dim = face_analyzer.embedding_dim if face_analyzer is not None else RELEASE_ARCFACE_DIM
-        adapter = tiny_adapter(components["unet"], clip_vision.width, arcface_dim, seed)
+        if adapter is None:
+            if arcface_dim is None:
+                arcface_dim = (
+                    face_analyzer.embedding_dim if face_analyzer is not None else RELEASE_ARCFACE_DIM
+                )
+            adapter = tiny_adapter(components["unet"], clip_vision.width, arcface_dim, seed)
         return cls(**components, adapter=adapter, clip_vision=clip_vision, face_analyzer=face_analyzer)
 
     @classmethod
     def from_local(
         cls,
         sdxl_dir: str | Path,
-        adapter_dir: str | Path,
+        adapter_dir: str | Path | None,
         open_clip_dir: str | Path,
         face_analyzer: FaceAnalyzer | None = None,
         dtype: torch.dtype = torch.float32,
+        arcface_dim: int = RELEASE_ARCFACE_DIM,
     ) -> InfiniteIdPipeline:
         """Assemble from local folders only: an SDXL diffusers folder, an adapter folder
-        (:meth:`InfiniteIdAdapter.save_pretrained`) and an OpenCLIP model folder (``open_clip_config.json``
-        + weights, as laion's ViT-H/14 release); DDIM replaces SDXL's scheduler."""
+        (:meth:`InfiniteIdAdapter.save_pretrained`; None: a fresh adapter at the paper's sizes, whose face
+        mapper takes ``arcface_dim``, to train) and an OpenCLIP model folder (``open_clip_config.json`` +
+        weights, as laion's ViT-H/14 release); DDIM replaces SDXL's scheduler."""
         base = StableDiffusionXLPipeline.from_pretrained(
             sdxl_dir, dtype=dtype, local_files_only=True, add_watermarker=False
         )
-        clip_model = open_clip.create_model(f"local-dir:{Path(open_clip_dir)}")
+        clip_vision = OpenClipVision(open_clip.create_model(f"local-dir:{Path(open_clip_dir)}").visual)
+        if adapter_dir is None:
+            adapter = InfiniteIdAdapter.for_unet(
+                base.unet, clip_dim=clip_vision.width, arcface_dim=arcface_dim
+            )
+        else:
+            adapter = InfiniteIdAdapter.from_pretrained(adapter_dir)
         return cls(
             **{name: getattr(base, name) for name in SDXL_COMPONENTS},
             scheduler=sdxl_ddim_scheduler(),
-            adapter=InfiniteIdAdapter.from_pretrained(adapter_dir, torch_dtype=dtype),
-            clip_vision=OpenClipVision(clip_model.visual).to(dtype),
+            adapter=adapter.to(dtype),
+            clip_vision=clip_vision.to(dtype),
             face_analyzer=face_analyzer,
         )
 
