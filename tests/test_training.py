@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -126,6 +129,36 @@ def test_identity_enhanced_training_takes_the_reference_from_another_photo_of_th
     sample = samples.load(target, epoch=0)
     expected = samples.shard_records(reference.shard)[reference.key]["face_embedding"]
     assert torch.equal(sample["id_embedding"], torch.tensor(expected)) and sample["prompt"] == ""
+
+
+def test_a_dataset_identity_label_decides_who_is_the_same_person_over_the_filter_clusters(
+    captioned_corpus, tmp_path
+):
+    config, _ = captioned_corpus
+    for step in ("filter", "caption"):
+        shutil.copytree(config.step_dir(step), tmp_path / step)
+    data = DataConfig(micro_batch=2, max_side=64, reference="same_identity", empty_prompts=True)
+    clustered = TrainingSamples(tmp_path / "filter", tmp_path / "caption", data, "dlib", 4).identity_members()
+    alone = [refs[0] for refs in clustered.values() if len(refs) == 1]
+    paired = next(refs for refs in clustered.values() if len(refs) == 2)
+    labels = {alone[0].key: "person-a", alone[1].key: "person-a", paired[0].key: "person-b"}
+    for path in (tmp_path / "filter").glob("*.parquet"):
+        table = pq.read_table(path)
+        keys = table["key"].to_pylist()
+        identity = [
+            labels.get(key, old) for key, old in zip(keys, table["identity"].to_pylist(), strict=True)
+        ]
+        column = table.schema.get_field_index("identity")
+        pq.write_table(table.set_column(column, "identity", pa.array(identity, pa.string())), path)
+    samples = TrainingSamples(tmp_path / "filter", tmp_path / "caption", data, "dlib", 4)
+    members = {
+        identity: sorted(ref.key for ref in refs) for identity, refs in samples.identity_members().items()
+    }
+    assert members["sample/person-a"] == sorted([alone[0].key, alone[1].key])
+    assert members["sample/person-b"] == [paired[0].key], "the label wins over the filter's cluster"
+    by_key = {ref.key: ref for ref in samples.trainable()}
+    assert samples.reference_of(by_key[alone[0].key], 0).key == alone[1].key
+    assert samples.reference_of(by_key[paired[1].key], 0).key == paired[1].key, "its cluster-mate left"
 
 
 def test_a_dataset_no_bucket_can_batch_is_refused_before_training(captioned_corpus):

@@ -30,7 +30,8 @@ class DataConfig(Section):
     reference: Literal["target", "same_identity"] = Field(
         "target",
         description="the face giving the identity embedding: the target's own (stage 1), or another photo "
-        "of the target's identity cluster (Infinite-ID's identity-enhanced training)",
+        "of the target's person: its dataset identity label, else its filter identity cluster "
+        "(Infinite-ID's identity-enhanced training)",
     )
     empty_prompts: bool = Field(False, description="train without text (identity-enhanced training)")
     mixture: MixtureConfig = MixtureConfig()

@@ -24,8 +24,8 @@ when cached.
   face is the target's own (its identity embedding, from the filter's record); the caption is drawn by
   the :class:`~infu.captions.CaptionMixture` (its ``empty_rate`` is the caption dropout).
   Identity-enhanced training (Infinite-ID): ``reference: same_identity`` takes the identity embedding
-  from another photo of the target's identity cluster (drawn per epoch; a sample alone in its cluster
-  keeps its own).
+  from another photo of the target's person (its dataset identity label where the dataset has one,
+  else its filter identity cluster; drawn per epoch; a sample alone keeps its own).
 * Stage 2, SPMS (:class:`PairSamples`: the ``spms`` step's pair shards, :mod:`infu.pairs`): the target
   is the synthetic image, the identity embedding the real reference's (``reference_embedding``), the
   caption the prompt the synthetic image was made from.
@@ -62,7 +62,16 @@ from infu.steps import StepError
 from training.cache import EncodedCache, Entry
 from training.config import DataConfig, TrainConfig
 
-PLAN_COLUMNS = ["key", "status", "bucket_width", "bucket_height", "face_embedding_space", "identity_cluster"]
+PLAN_COLUMNS = [
+    "key",
+    "dataset",
+    "status",
+    "bucket_width",
+    "bucket_height",
+    "face_embedding_space",
+    "identity",
+    "identity_cluster",
+]
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,8 @@ class SampleRef:
     key: str
     size: tuple[int, int]
     identity: str | None = None
-    """The filter's identity cluster."""
+    """Who it shows: the dataset's identity label where the dataset has one, else the filter's identity
+    cluster."""
 
 
 @dataclass
@@ -195,7 +205,9 @@ class PlannedSamples(ABC):
                     f"(face.recognizer of the {self.producer} run vs model.projection.embedding_space)"
                 )
             size = scaled_bucket(row["bucket_width"], row["bucket_height"], self.data.max_side)
-            refs.append(SampleRef(shard, row["key"], size, row["identity_cluster"]))
+            labelled = row["identity"] is not None
+            identity = f"{row['dataset']}/{row['identity']}" if labelled else row["identity_cluster"]
+            refs.append(SampleRef(shard, row["key"], size, identity))
         return tuple(refs)
 
     def trainable(self) -> list[SampleRef]:
@@ -403,7 +415,7 @@ class TrainingSamples(PlannedSamples):
 
     @functools.cache  # noqa: B019
     def identity_members(self) -> dict[str | None, tuple[SampleRef, ...]]:
-        """Identity cluster -> its trainable samples (a sample without a cluster is alone in its own)."""
+        """Person (:attr:`SampleRef.identity`) -> its trainable samples (a sample without one is alone)."""
         members: dict[str | None, list[SampleRef]] = defaultdict(list)
         for ref in self.trainable():
             members[ref.identity if ref.identity is not None else ref.key].append(ref)
@@ -411,7 +423,7 @@ class TrainingSamples(PlannedSamples):
 
     def reference_of(self, ref: SampleRef, epoch: int) -> SampleRef:
         """The sample whose face gives ``ref``'s identity: itself, or (identity-enhanced) another photo of
-        its identity cluster, drawn per epoch."""
+        its person (:attr:`SampleRef.identity`), drawn per epoch."""
         if self.data.reference == "target":
             return ref
         others = [other for other in self.identity_members()[ref.identity or ref.key] if other.key != ref.key]

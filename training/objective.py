@@ -22,6 +22,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from diffusers.utils.torch_utils import randn_tensor
 
+from infu.model.config import LATENT_PIXEL_MULTIPLE
 from infu.model.infu import InfU
 from infu.quality.torch_utils import weights_digest
 from training.config import TimestepConfig, TrainConfig
@@ -100,6 +101,9 @@ class FrozenEncoders:
 class FlowMatchingObjective:
     """Encodes a micro batch with the frozen encoders (or takes its cached encodings) and returns the
     velocity loss of ``infu``."""
+
+    pixels_per_token = LATENT_PIXEL_MULTIPLE
+    """Image pixels per packed latent token along a side (8x VAE, 2x2 patches)."""
 
     def __init__(self, pipeline: Any, infu: InfU, config: TrainConfig, max_sequence_length: int):
         self.pipeline = pipeline
