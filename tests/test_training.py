@@ -50,6 +50,9 @@ def test_global_batch_must_split_into_micro_batches_on_every_worker():
         TrainConfig(global_batch=6, data=DataConfig(micro_batch=2), resources={"workers": 2})
     settings = TrainConfig(global_batch=16, data=DataConfig(micro_batch=2), resources={"workers": 2})
     assert settings.accumulation_steps() == 4 and settings.accumulation_steps(workers=8) == 1
+    with pytest.raises(ValueError, match="fsdp is false with resources.workers 2: the workers would each"):
+        TrainConfig(global_batch=16, data=DataConfig(micro_batch=2), fsdp=False, resources={"workers": 2})
+    assert not TrainConfig(global_batch=4, fsdp=False, resources={"workers": 1}).fsdp
 
 
 def test_buckets_scale_down_in_multiples_of_16_and_crops_cover_the_target():

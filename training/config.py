@@ -120,6 +120,15 @@ class TrainConfig(Section):
         self.accumulation_steps()
         return self
 
+    @model_validator(mode="after")
+    def _several_workers_shard(self) -> TrainConfig:
+        if not self.fsdp and self.resources.workers > 1:
+            raise ValueError(
+                f"fsdp is false with resources.workers {self.resources.workers}: the workers would each "
+                "train their own copy (no gradient is shared); set fsdp: true or resources.workers: 1"
+            )
+        return self
+
     def accumulation_steps(self, workers: int | None = None) -> int:
         """Micro batches per worker per optimiser step: ``global_batch / (micro_batch * workers)``."""
         return accumulation_steps(
