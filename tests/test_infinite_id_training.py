@@ -196,6 +196,35 @@ def test_the_pipeline_trains_infinite_id_by_config_on_two_fsdp_workers(pipeline_
     assert halfway.shape == (128, 96, 3) and not np.array_equal(halfway, last), "the adapter changed"
 
 
+def test_the_training_lowers_the_objective_on_the_same_draws(pipeline_run):
+    """The loss falls: the objective over the training samples, on the same fixed draws (noise, timesteps,
+    VAE samples) for the fresh and the trained adapter, so no draw luck enters the comparison."""
+    config, _ = pipeline_run
+    family, export = InfiniteIdFamily(), Path(read_manifest(config.step_dir("stage1"))["export"])
+    objective = {}
+    for name, init in (("fresh", None), ("trained", export)):
+        models = family.build(config, config.stage1, torch.device("cpu"), init)
+        samples = step_samples(
+            upstream_inputs(config, "stage1"),
+            config.stage1,
+            family.embedding_space(config),
+            family.reference_faces(models),
+        )
+        batches = worker_batches(samples, rank=0, world=1, start=0)
+        with torch.no_grad():
+            objective[name] = np.array(
+                [
+                    models.objective.loss(next(batches), torch.Generator().manual_seed(seed)).item()
+                    for seed in range(20)
+                ]
+            )
+    fall = objective["fresh"] - objective["trained"]
+    # measured: 1.071 -> 1.015 over 50 batches, 98% of them lower: the adapter sheds the excess its
+    # random initial identity attention adds above the noise floor (see the README)
+    assert fall.mean() > 0.03 * objective["fresh"].mean(), objective
+    assert (fall > 0).mean() >= 0.8, fall
+
+
 def test_the_export_is_an_adapter_folder_that_generates(pipeline_run, tmp_path):
     config, _ = pipeline_run
     export = Path(read_manifest(config.step_dir("stage1"))["export"])
