@@ -275,7 +275,7 @@ def _markdown(summary: dict, galleries: list[_Gallery]) -> str:
         [_md_text(name)] + [_number(values.get(key), 3) for key, _, _ in METRICS]
         for name, values in PAPER_RESULTS.items()
     ]
-    lines = ["# InfU evaluation report", "", _benchmark_line(summary["benchmark"]), ""]
+    lines = ["# Evaluation report", "", _benchmark_line(summary["benchmark"]), ""]
     lines += _md_table(["Model", *metric_headers, *_EXTRA_HEADERS], ours)
     lines += ["", _NOTES[0], "", _NOTES[1], "", "## Reference (papers)", ""]
     lines += _md_table(["Model", *metric_headers], reference)
@@ -344,7 +344,7 @@ def _html(summary: dict, galleries: list[_Gallery]) -> str:
             for key, _, _ in METRICS
         )
         reference.append(f'<tr data-model="{_e(name)}"><th scope="row">{_e(name)}</th>{cells}</tr>')
-    title = "InfU evaluation report"
+    title = "Evaluation report"
     lines = [
         "<!DOCTYPE html>",
         '<html lang="en">',

@@ -63,20 +63,27 @@ def _generate_infinite_id(
     seed: int,
     id_weights: Sequence[float] | None,
 ) -> Path:
-    """:func:`generate` for ``model.family: infinite_id``: the photos' faces are checked before the
+    """:func:`generate` for ``model.family: infinite_id``: the photos' faces are found (once) before the
     models load; the mode, AdaIN and identity scale come from ``model.infinite_id``."""
     import torch
 
-    from infu.model.conditioning import required_face
+    from infu.model.conditioning import describe, required_face
     from infu.model.factory import build_infinite_id_pipeline
 
-    for image in id_images:
-        required_face(analyzer, image)
+    photos = [analyzer.load(image) for image in id_images]
+    faces = [
+        required_face(analyzer, rgb, describe(image)) for rgb, image in zip(photos, id_images, strict=True)
+    ]
     pipeline = build_infinite_id_pipeline(config.model, face_analyzer=analyzer)
     pipeline.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        identities = [
+            pipeline.encode_identity(*pipeline.aligned_face_features(rgb, face))[0]
+            for rgb, face in zip(photos, faces, strict=True)
+        ]
     image = pipeline(
         prompt,
-        id_images=list(id_images),
+        id_embeddings=identities,
         id_weights=id_weights,
         generator=torch.Generator().manual_seed(seed),
         **config.model.infinite_id_sampling(),

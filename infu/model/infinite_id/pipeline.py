@@ -23,7 +23,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from infu.face import FaceAnalyzer, align_face
+from infu.face import Face, FaceAnalyzer, align_face
 from infu.face.recognizer import EMBEDDING_DIMS
 from infu.images import ImageInput
 from infu.model.conditioning import describe, required_face
@@ -196,7 +196,10 @@ class InfiniteIdPipeline(StableDiffusionXLPipeline):
         if self.face_analyzer is None:
             raise ValueError("id_images need a face analyzer; build the pipeline with one")
         rgb = self.face_analyzer.load(image)
-        face = required_face(self.face_analyzer, rgb, describe(image))
+        return self.aligned_face_features(rgb, required_face(self.face_analyzer, rgb, describe(image)))
+
+    def aligned_face_features(self, rgb: np.ndarray, face: Face) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`face_features` of a face already found in ``rgb`` (an RGB array)."""
         crop = align_face(rgb, face.kps, size=self.clip_vision.image_size)
         faces = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float() / 255
         embedding = torch.as_tensor(np.asarray(face.embedding, dtype=np.float32))[None]
