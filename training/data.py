@@ -51,9 +51,9 @@ from PIL import Image
 
 from infu.captions import CaptionMixture, read_caption_rows
 from infu.draws import stable_uniform
-from infu.face import align_face
 from infu.face.control import black_control, draw_keypoints_control
 from infu.images import decode_image
+from infu.model.conditioning import aligned_face_pixels
 from infu.model.config import LATENT_PIXEL_MULTIPLE
 from infu.pairs import read_pair_records
 from infu.records import Status
@@ -285,8 +285,9 @@ class PlannedSamples(ABC):
         record = self.shard_records(ref.shard)[ref.key]
         image = decode_image(self.images.read({"record": record, "tar": self.tar(ref)}))
         kps = np.asarray(record["faces"][0]["keypoints"], dtype=np.float32).reshape(5, 2)
-        crop = align_face(np.asarray(image), kps * (image.width / record["width"]), size=self.reference_faces)
-        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255
+        return aligned_face_pixels(
+            np.asarray(image), kps * (image.width / record["width"]), self.reference_faces
+        )
 
     def tar(self, ref: SampleRef) -> str:
         return str(self.shards_dir / f"{ref.shard}.tar")

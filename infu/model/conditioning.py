@@ -1,4 +1,5 @@
-"""What the InfU pipeline is conditioned on, from photos: identity embeddings and keypoint control images.
+"""What the pipelines are conditioned on, from photos: identity embeddings, keypoint control images (InfU)
+and aligned face crops (Infinite-ID's image tower).
 
 These need only a face analyzer (no diffusion model), so callers can validate inputs before loading FLUX.
 """
@@ -16,6 +17,7 @@ from infu.face import (
     Face,
     FaceAnalyzer,
     NoFaceError,
+    align_face,
     draw_keypoints_control,
     largest_face,
     resize_and_pad_image,
@@ -53,3 +55,10 @@ def keypoint_control(
     canvas = resize_and_pad_image(load_rgb(control_image), (width, height))
     face = required_face(analyzer, canvas, describe(control_image))
     return draw_keypoints_control((width, height), face.kps)
+
+
+def aligned_face_pixels(rgb: np.ndarray, kps: np.ndarray, size: int) -> torch.Tensor:
+    """``[3, size, size]`` in [0, 1]: the face with keypoints ``kps`` in ``rgb`` (an RGB array), aligned on
+    the ArcFace template: what the image tower reads of an identity photo."""
+    crop = align_face(rgb, kps, size=size)
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255

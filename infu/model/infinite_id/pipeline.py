@@ -23,10 +23,10 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from infu.face import Face, FaceAnalyzer, align_face
+from infu.face import Face, FaceAnalyzer
 from infu.face.recognizer import EMBEDDING_DIMS
 from infu.images import ImageInput
-from infu.model.conditioning import describe, required_face
+from infu.model.conditioning import aligned_face_pixels, describe, required_face
 from infu.model.infinite_id.adapter import InfiniteIdAdapter
 from infu.model.infinite_id.mappers import mix_identities
 from infu.model.infinite_id.tiny import (
@@ -200,8 +200,7 @@ class InfiniteIdPipeline(StableDiffusionXLPipeline):
 
     def aligned_face_features(self, rgb: np.ndarray, face: Face) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`face_features` of a face already found in ``rgb`` (an RGB array)."""
-        crop = align_face(rgb, face.kps, size=self.clip_vision.image_size)
-        faces = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float() / 255
+        faces = aligned_face_pixels(rgb, face.kps, self.clip_vision.image_size)[None]
         embedding = torch.as_tensor(np.asarray(face.embedding, dtype=np.float32))[None]
         return self.clip_vision(faces), embedding
 
