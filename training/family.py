@@ -61,6 +61,10 @@ class TrainingFamily(ABC):
         """Side of the aligned reference face crop a sample must carry (None: none)."""
         return None
 
+    def encoded_cache(self, config: InfuConfig, inputs: dict[str, Path], models: FamilyModels) -> Any:
+        """The precompute step's cache of the frozen encoders' outputs to read, if any (None: encode live)."""
+        return None
+
     @abstractmethod
     def build(
         self, config: InfuConfig, settings: TrainConfig, device: torch.device, init: Path | None
@@ -130,6 +134,11 @@ class InfuFamily(TrainingFamily):
             pipeline, infu, settings, config.model.inference.max_sequence_length
         )
         return FamilyModels(pipeline, infu, objective)
+
+    def encoded_cache(self, config: InfuConfig, inputs: dict[str, Path], models: FamilyModels) -> Any:
+        from training.precompute import step_cache
+
+        return step_cache(config, inputs, models.objective.encoders)
 
     def validation_identities(self, samples: PlannedSamples, count: int) -> list[Any]:
         return list(samples.unit_embeddings(samples.validation_references(count)))

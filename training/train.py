@@ -38,7 +38,6 @@ from training.checkpoint import EXPORT_DIR, load_training_state, save_training_s
 from training.config import TrainConfig, ValidationConfig
 from training.data import step_samples, worker_batches
 from training.family import FamilyModels, TrainingFamily, training_family
-from training.precompute import step_cache
 
 CHECKPOINTS_DIR = "checkpoints"
 VALIDATION_DIR = "validation"
@@ -198,8 +197,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     samples = step_samples(
         payload["inputs"], settings, family.embedding_space(config), family.reference_faces(trainer.models)
     )
-    encoders = getattr(trainer.models.objective, "encoders", None)
-    samples.use_cache(step_cache(config, payload["inputs"], encoders) if encoders is not None else None)
+    samples.use_cache(family.encoded_cache(config, payload["inputs"], trainer.models))
     accumulation = settings.accumulation_steps(world)
     batches = worker_batches(samples, rank, world, start=progress["position"])
     validation = settings.validation
