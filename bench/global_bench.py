@@ -128,11 +128,13 @@ def with_nulls(mask: np.ndarray, values: pa.Array) -> pa.Array:
 
 
 class RssSampler:
-    """Peak RSS of this process's Ray worker processes (``ray::*``), sampled every ``interval`` s."""
+    """Peak memory of this process's Ray worker processes (``ray::*``), sampled every ``interval`` s: RSS,
+    and USS (private memory: without the pages of the memory-mapped index, which a node's workers share)."""
 
     def __init__(self, interval: float = 0.5):
         self.interval = interval
         self.peak_worker = 0
+        self.peak_worker_private = 0
         self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -147,14 +149,17 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            sizes = []
+            sizes, private = [], []
             for process in psutil.Process().children(recursive=True):
                 try:
                     if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::"):
-                        sizes.append(process.memory_info().rss)
+                        memory = process.memory_full_info()
+                        sizes.append(memory.rss)
+                        private.append(memory.uss)
                 except psutil.Error:
                     continue
             self.peak_worker = max(self.peak_worker, max(sizes, default=0))
+            self.peak_worker_private = max(self.peak_worker_private, max(private, default=0))
             self.peak_total = max(self.peak_total, sum(sizes))
 
 
@@ -268,7 +273,8 @@ def main() -> None:
     )
     print(
         f"peak RSS: driver {driver_rss / gib:.2f} GiB (before the phase {base_rss / gib:.2f}) | "
-        f"largest Ray worker {workers.peak_worker / gib:.2f} GiB | "
+        f"largest Ray worker {workers.peak_worker / gib:.2f} GiB "
+        f"(private {workers.peak_worker_private / gib:.2f}) | "
         f"all workers {workers.peak_total / gib:.2f} GiB"
     )
     print(
@@ -283,8 +289,8 @@ def main() -> None:
         f"linear extrapolation to {PAPER_ROWS / 1e6:.0f}M rows: {wall * scale / 3600:.1f} h "
         f"on {args.cpus} CPUs, "
         f"driver {base_rss / gib + (driver_rss - base_rss) * scale / gib:.1f} GiB (growth scaled), "
-        f"largest worker {(workers.peak_worker + index_bytes * (scale - 1)) / gib:.1f} GiB (its copy of the "
-        f"identity index, {index_bytes / 1e6:.0f} MB here, scaled)"
+        f"identity index on disk {index_bytes * scale / 1e9:.1f} GB ({index_bytes / 1e6:.0f} MB here; "
+        f"memory-mapped, one copy in a node's page cache for all its workers)"
     )
 
 

@@ -11,10 +11,16 @@ Memory follows one shard plus a few compact per-row arrays, never the dataset:
   Ray tasks. Groups are the connected components of the links; the first row of a group is kept.
 * **identity clusters** (faiss): an IVF index over the face embeddings, trained on a sample spread over
   the (dataset, key) order. Up to ``EXHAUSTIVE_FACES`` faces it is one list of raw vectors (exhaustive,
-  exact); beyond, ``4 sqrt(n)`` lists (rounded to a power of two) of product-quantised codes (64 bytes
-  for 512-D), ``PROBES`` lists probed. As Ray actors when Ray is up and there are more than
-  ``RAY_ROWS`` kept rows (else in this process), per shard:
-  read its embeddings, encode them into the index; then range-search them at the same-identity cosine,
+  exact); beyond, ``4 sqrt(n)`` lists (rounded to a power of two) of 4-bit scalar-quantised codes (256
+  bytes for 512-D), ``PROBES`` lists probed. Product-quantised codes (64 bytes) were measured and
+  dropped: at 300k faces their cosine estimates put ~0.5% of the found pairs between different people
+  (exact cosine 0.05-0.26 read as >= 0.4, the lists being about one person wide), chaining 75 people into
+  one component, and missed same-person pairs (small identities: 0.89 of pairs connected vs 0.96).
+  As Ray actors when Ray is up and there are more than ``RAY_ROWS`` kept rows (else in this process),
+  per shard: read its embeddings and write them, encoded, as inverted lists of their own; these are
+  merged list by list into one index whose lists stay on disk (faiss ``OnDiskInvertedLists``),
+  memory-mapped by the searching workers (a node's workers share its pages; no process holds the whole
+  index); then each shard's faces are range-searched at the same-identity cosine,
   keeping per face its ``NEIGHBOUR_CAP`` earliest earlier neighbours of its dataset (and, while it has
   fewer, itself as an earlier neighbour of its later ones). The pairs stream into their connected
   components (:class:`StreamingComponents`), the candidate groups. A person's faces stay connected
@@ -96,37 +102,34 @@ class IdentityIndex:
 
     faces: int
     lists: int
-    pq_subquantizers: int
-    """0: raw float32 vectors (exact similarities)."""
+    bits_per_dimension: int
+    """32: raw float32 vectors (exact similarities); 4: 4-bit scalar-quantised codes."""
     probes: int
     neighbour_cap: int | None
     """Earlier neighbours kept per face (None: all)."""
 
     @classmethod
-    def for_faces(cls, faces: int, dimension: int) -> IdentityIndex:
+    def for_faces(cls, faces: int) -> IdentityIndex:
         if faces <= EXHAUSTIVE_FACES:
-            return cls(faces, 1, 0, 1, None)
+            return cls(faces, 1, 32, 1, None)
         lists = 2 ** round(math.log2(4 * math.sqrt(faces)))
-        subquantizers = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dimension % m == 0)
-        return cls(faces, lists, subquantizers, PROBES, NEIGHBOUR_CAP)
+        return cls(faces, lists, 4, PROBES, NEIGHBOUR_CAP)
 
     @property
     def training_faces(self) -> int:
-        return max(TRAINING_FACES_PER_LIST * self.lists, 256 * 40 if self.pq_subquantizers else 1)
+        return TRAINING_FACES_PER_LIST * self.lists
 
     def build(self, training: np.ndarray) -> faiss.IndexIVF:
         dimension = training.shape[1]
         quantizer = faiss.IndexFlatIP(dimension)
-        if self.pq_subquantizers:
-            index = faiss.IndexIVFPQ(
-                quantizer, dimension, self.lists, self.pq_subquantizers, 8, faiss.METRIC_INNER_PRODUCT
-            )
-        else:
+        if self.bits_per_dimension == 32:
             index = faiss.IndexIVFFlat(quantizer, dimension, self.lists, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dimension, self.lists, faiss.ScalarQuantizer.QT_4bit, faiss.METRIC_INNER_PRODUCT
+            )
         index.cp.min_points_per_centroid = 1
         index.cp.niter = 10
-        if self.pq_subquantizers:
-            index.pq.cp.niter = 10
         index.train(training)
         index.nprobe = self.probes
         return index
@@ -342,14 +345,15 @@ class FaceShards:
         rows_dir: str,
         dataset_starts: np.ndarray,
         threshold: float,
-        index: faiss.IndexIVF | np.ndarray | None = None,
+        index_file: str | None = None,
         neighbour_cap: int | None = None,
         threads: int | None = None,
     ):
         self.scored_dir, self.rows_dir = Path(scored_dir), Path(rows_dir)
         self.dataset_starts = dataset_starts
         self.threshold = threshold
-        self.index = faiss.deserialize_index(index) if isinstance(index, np.ndarray) else index
+        # The filled index keeps its lists on disk, memory-mapped: the workers of a node share its pages.
+        self.index = faiss.read_index(index_file) if index_file else None
         self.neighbour_cap = np.iinfo(np.int64).max if neighbour_cap is None else neighbour_cap
         if threads:
             faiss.omp_set_num_threads(threads)
@@ -370,10 +374,13 @@ class FaceShards:
         chosen = iids % stride == 0
         return len(iids), iids[chosen], vectors[chosen]
 
-    def encode(self, shard: str) -> tuple[np.ndarray, np.ndarray]:
-        """``iid`` and index code (list number + vector code) of the shard's faces."""
+    def encode(self, shard: str, folder: str) -> tuple[np.ndarray, np.ndarray]:
+        """Write the shard's faces, encoded into the trained index, as inverted lists to
+        ``folder/<shard>.ivf`` (when it has faces); return their ``iid`` and IVF list number."""
         iids, vectors = self.faces(shard)
-        return iids, self.index.sa_encode(vectors) if len(iids) else np.empty((0, 0), np.uint8)
+        if not len(iids):
+            return iids, iids
+        return iids, write_inverted_lists(self.index, iids, vectors, Path(folder) / f"{shard}.ivf")
 
     def scatter(self, shard: str, folder: str, lookup: dict[str, np.ndarray]) -> None:
         """Write the shard's faces of every batch of components to ``folder/<batch>/<shard>.parquet``
@@ -420,6 +427,43 @@ class FaceShards:
         )
 
 
+def write_inverted_lists(
+    index: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, path: Path
+) -> np.ndarray:
+    """Write ``vectors`` (with ``ids``), encoded into the trained ``index``, as inverted lists to ``path``
+    (the part :func:`merge_on_disk` reads); returns each vector's list number."""
+    codes = index.sa_encode(vectors)
+    coarse_bytes = index.coarse_code_size()
+    lists = _list_numbers(codes[:, :coarse_bytes])
+    order = np.argsort(lists, kind="stable")
+    ids, codes = (
+        np.ascontiguousarray(ids[order], dtype=np.int64),
+        np.ascontiguousarray(codes[order, coarse_bytes:]),
+    )
+    used, starts, counts = np.unique(lists[order], return_index=True, return_counts=True)
+    part = faiss.ArrayInvertedLists(index.nlist, index.code_size)
+    for number, start, count in zip(used.tolist(), starts.tolist(), counts.tolist(), strict=True):
+        part.add_entries(number, count, faiss.swig_ptr(ids[start:]), faiss.swig_ptr(codes[start:]))
+    faiss.write_InvertedLists(part, faiss.FileIOWriter(str(path)))
+    return lists
+
+
+def merge_on_disk(trained_file: str, part_files: list[str], index_file: str) -> None:
+    """Write ``index_file``: the trained index of ``trained_file`` filled with the inverted lists of
+    ``part_files``, merged list by list into ``<index_file>.ivfdata``, where the index keeps them
+    (memory-mapped when read). The parts are read through memory maps too: no process holds the index."""
+    index = faiss.read_index(trained_file)
+    parts = [faiss.read_InvertedLists(faiss.FileIOReader(path), faiss.IO_FLAG_MMAP) for path in part_files]
+    merged = faiss.OnDiskInvertedLists(index.nlist, index.code_size, f"{index_file}.ivfdata")
+    pointers = faiss.InvertedListsPtrVector()
+    for part in parts:
+        pointers.push_back(part)
+    index.ntotal = merged.merge_from_multiple(pointers.data(), pointers.size(), False)
+    index.replace_invlists(merged, True)
+    merged.this.disown()
+    faiss.write_index(index, index_file)
+
+
 def _pairs_table(faces: np.ndarray, earlier: np.ndarray) -> pa.Table:
     return pa.table({"face": faces.astype(np.int64), "earlier": earlier.astype(np.int64)})
 
@@ -428,16 +472,14 @@ def _map_shards(
     on_ray: bool, settings: dict[str, Any], method: str, shards: list[str], *args: Any
 ) -> Iterator[Any]:
     """``FaceShards(**settings).<method>(shard, *args)`` for every shard, in shard order: ``on_ray``, on a
-    pool of Ray actors (one CPU each, the index shipped once through the object store), else here."""
+    pool of Ray actors (one CPU each), else here."""
     if not on_ray:
         worker = FaceShards(**settings)
         for shard in shards:
             yield getattr(worker, method)(shard, *args)
         return
-    index = settings.get("index")
-    shared = {**settings, "index": ray.put(faiss.serialize_index(index)) if index is not None else None}
     actor = ray.remote(num_cpus=1)(FaceShards)
-    pool = ray.util.ActorPool([actor.remote(**shared, threads=1) for _ in range(min(len(shards), _cpus()))])
+    pool = ray.util.ActorPool([actor.remote(**settings, threads=1) for _ in range(min(len(shards), _cpus()))])
     shared_args = [ray.put(arg) for arg in args]
     yield from pool.map(lambda worker, shard: getattr(worker, method).remote(shard, *shared_args), shards)
 
@@ -470,31 +512,42 @@ def _cluster_identities(
     pool_iids = np.concatenate([iids for _, iids, _ in sampled])
     pool = np.concatenate([vectors for _, _, vectors in sampled if len(vectors)])[np.argsort(pool_iids)]
     del sampled
-    params = IdentityIndex.for_faces(faces, pool.shape[1])
+    params = IdentityIndex.for_faces(faces)
+    work = rows_dir.parent
+    trained_file, index_file, parts = (
+        work / "identity-trained.faiss",
+        work / "identity.faiss",
+        work / "identity",
+    )
     with timer("identity_train"):
         chosen = np.unique(np.linspace(0, len(pool) - 1, min(len(pool), params.training_faces)).astype(int))
         index = params.build(pool[chosen])
+        faiss.write_index(index, str(trained_file))
         del pool
     with timer("identity_encode"):
-        shard_iids, shard_lists = [], []
-        coarse_bytes = index.coarse_code_size()
-        for iids, codes in _map_shards(on_ray, {**settings, "index": index}, "encode", shards):
-            if len(iids):
-                index.add_sa_codes(codes, iids)
-                shard_iids.append(iids)
-                shard_lists.append(_list_numbers(codes[:, :coarse_bytes]))
+        parts.mkdir()
+        encoding = {**settings, "index_file": str(trained_file)}
+        shard_iids, shard_lists = zip(
+            *_map_shards(on_ray, encoding, "encode", shards, str(parts)), strict=True
+        )
         face_iids = np.concatenate(shard_iids)
         order = np.argsort(face_iids)
         face_iids, face_lists = face_iids[order], np.concatenate(shard_lists)[order]
         del shard_iids, shard_lists, order
-    with timer("identity_search"):
-        graph = StreamingComponents(faces)
-        searching = {**settings, "index": index, "neighbour_cap": params.neighbour_cap}
-        for found in _map_shards(on_ray, searching, "search", shards):
-            graph.add(*(np.searchsorted(face_iids, found[name].to_numpy()) for name in found.column_names))
         index_megabytes = round(faces * (index.code_size + 8) / 1e6, 1)
         centroids = index.quantizer.reconstruct_n(0, index.nlist)
         del index
+        files = str(trained_file), sorted(map(str, parts.glob("*.ivf"))), str(index_file)
+        if on_ray:  # the driver never maps the index's data
+            ray.get(ray.remote(num_cpus=1)(merge_on_disk).remote(*files))
+        else:
+            merge_on_disk(*files)
+        shutil.rmtree(parts)
+    with timer("identity_search"):
+        graph = StreamingComponents(faces)
+        searching = {**settings, "index_file": str(index_file), "neighbour_cap": params.neighbour_cap}
+        for found in _map_shards(on_ray, searching, "search", shards):
+            graph.add(*(np.searchsorted(face_iids, found[name].to_numpy()) for name in found.column_names))
     with timer("identity_components"):
         components = graph.components()
         largest_component = int(np.bincount(components).max())

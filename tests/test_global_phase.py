@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +23,9 @@ from filtering.global_phase import (
     DECISIONS,
     StreamingComponents,
     compute_global_decisions,
+    merge_on_disk,
     split_large_components,
+    write_inverted_lists,
 )
 from filtering.identity import cluster_identities
 from infu.raycluster import start_local_ray
@@ -141,7 +144,7 @@ def small(tmp_path_factory) -> tuple[list[dict], Path, Path]:
     out = root / "out"
     out.mkdir()
     stats = compute_global_decisions(scored, out, RULES)
-    assert stats["identity_index"]["pq_subquantizers"] == 0  # exhaustive at this size
+    assert stats["identity_index"]["bits_per_dimension"] == 32  # exhaustive at this size
     return records, scored, out
 
 
@@ -210,7 +213,9 @@ def planted_decisions(planted, tmp_path_factory) -> tuple[dict[str, Any], Path]:
 def test_planted_duplicates_and_identities_are_recovered(planted, planted_decisions):
     records, identities, _ = planted
     stats, out = planted_decisions
-    assert stats["identity_index"]["pq_subquantizers"] > 0 and stats["faces"] > global_phase.EXHAUSTIVE_FACES
+    assert (
+        stats["identity_index"]["bits_per_dimension"] == 4 and stats["faces"] > global_phase.EXHAUSTIVE_FACES
+    )
     found = read_decisions(out)
     expected = reference_decisions(records, RULES)
     expected_duplicates = {key for key, (reason, *_) in expected.items() if reason}
@@ -283,3 +288,56 @@ def test_large_components_split_along_groups_of_lists():
     _, first_faces = np.unique(parts, return_index=True)
     assert (np.diff(first_faces) > 0).all()  # numbered in the order of each part's first face
     np.testing.assert_array_equal(split_large_components(components, lists, centroids, 3_000), components)
+
+
+def test_the_compressed_identity_index_reads_cosines_close_to_exact():
+    """Above EXHAUSTIVE_FACES the index stores compressed codes. Their cosine estimates must stay close to
+    the exact ones: with lists about one person wide, product-quantised codes read faces of other
+    people as the list's person (exact cosine ~0.15 estimated >= 0.4) and chained people together."""
+    rng = np.random.default_rng(0)
+    people, faces_each, dimension = 1_000, 25, 512
+    centres = _unit(rng.standard_normal((people, dimension), dtype=np.float32))
+    noise = rng.uniform(0.65, 1.0, (people * faces_each, 1)) * _unit(
+        rng.standard_normal((people * faces_each, dimension), dtype=np.float32)
+    )
+    faces = _unit(np.repeat(centres, faces_each, axis=0) + noise).astype(np.float32)
+    params = global_phase.IdentityIndex.for_faces(len(faces))
+    assert len(faces) > global_phase.EXHAUSTIVE_FACES and params.bits_per_dimension < 32
+    index = params.build(faces[:: max(1, len(faces) // params.training_faces)])
+    index.add(faces)
+    queries = np.arange(0, len(faces), 50)
+    limits, estimated, found = index.range_search(faces[queries], RULES.same_identity_similarity)
+    query = np.repeat(queries, np.diff(limits.astype(np.int64)))
+    exact = np.einsum("ij,ij->i", faces[query], faces[found])
+    assert len(found) > len(queries) * 10  # most of each person's faces are found
+    assert np.abs(estimated - exact).max() < 0.05
+    assert (query // faces_each == found // faces_each).all()  # nobody else
+
+
+def test_the_index_merged_on_disk_searches_as_one_filled_in_memory(tmp_path):
+    """Shards write their faces as inverted lists; merged on disk, the index finds exactly what the same
+    trained index finds with every face added in memory."""
+    rng = np.random.default_rng(1)
+    vectors = _unit(rng.standard_normal((3_000, 64), dtype=np.float32)).astype(np.float32)
+    ids = rng.permutation(10_000)[:3_000].astype(np.int64)
+    index = global_phase.IdentityIndex(3_000, 16, 4, 4, None).build(vectors)
+    faiss.write_index(index, str(tmp_path / "trained.faiss"))
+    in_memory = faiss.clone_index(index)
+    in_memory.add_with_ids(vectors, ids)
+    lists = [
+        write_inverted_lists(index, ids[part], vectors[part], tmp_path / f"{number}.ivf")
+        for number, part in enumerate(np.array_split(np.arange(3_000), 3))
+    ]
+    assert (np.concatenate(lists) == in_memory.quantizer.search(vectors, 1)[1].ravel()).all()
+    parts = sorted(map(str, tmp_path.glob("*.ivf")))
+    merge_on_disk(str(tmp_path / "trained.faiss"), parts, str(tmp_path / "index.faiss"))
+    on_disk = faiss.read_index(str(tmp_path / "index.faiss"))
+    assert on_disk.ntotal == 3_000
+    for searched in (in_memory, on_disk):
+        searched.nprobe = 4
+    found = [searched.range_search(vectors[:200], 0.3) for searched in (in_memory, on_disk)]
+    pairs = [
+        sorted(zip(np.repeat(np.arange(200), np.diff(limits.astype(np.int64))), labels, strict=True))
+        for limits, _, labels in found
+    ]
+    assert len(pairs[0]) > 200 and pairs[0] == pairs[1]
