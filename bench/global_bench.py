@@ -129,12 +129,14 @@ def with_nulls(mask: np.ndarray, values: pa.Array) -> pa.Array:
 
 class RssSampler:
     """Peak memory of this process's Ray worker processes (``ray::*``), sampled every ``interval`` s: RSS,
-    and USS (private memory: without the pages of the memory-mapped index, which a node's workers share)."""
+    and its anonymous part (RSS without file-backed pages, such as the memory-mapped index files')."""
 
     def __init__(self, interval: float = 0.5):
         self.interval = interval
         self.peak_worker = 0
-        self.peak_worker_private = 0
+        self.peak_worker_anonymous = 0
+        self.peak_worker_task = ""
+        """What the worker with the most anonymous memory was running then."""
         self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -149,17 +151,21 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            sizes, private = [], []
+            sizes = []
             for process in psutil.Process().children(recursive=True):
                 try:
-                    if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::"):
-                        memory = process.memory_full_info()
+                    task = process.cmdline()[0] if process.cmdline() else ""
+                    if task.startswith("ray::"):
+                        memory = process.memory_info()
                         sizes.append(memory.rss)
-                        private.append(memory.uss)
+                        if memory.rss - memory.shared > self.peak_worker_anonymous:
+                            self.peak_worker_anonymous, self.peak_worker_task = (
+                                memory.rss - memory.shared,
+                                task,
+                            )
                 except psutil.Error:
                     continue
             self.peak_worker = max(self.peak_worker, max(sizes, default=0))
-            self.peak_worker_private = max(self.peak_worker_private, max(private, default=0))
             self.peak_total = max(self.peak_total, sum(sizes))
 
 
@@ -274,7 +280,7 @@ def main() -> None:
     print(
         f"peak RSS: driver {driver_rss / gib:.2f} GiB (before the phase {base_rss / gib:.2f}) | "
         f"largest Ray worker {workers.peak_worker / gib:.2f} GiB "
-        f"(private {workers.peak_worker_private / gib:.2f}) | "
+        f"(anonymous {workers.peak_worker_anonymous / gib:.2f}, in {workers.peak_worker_task}) | "
         f"all workers {workers.peak_total / gib:.2f} GiB"
     )
     print(
