@@ -165,8 +165,10 @@ class LocalRay:
     temp_dir: str = ""
 
     def start(self) -> str:
-        # Its own temp dir: Ray's job supervisor finds the cluster its jobs connect to through the temp
-        # dir's ``ray_current_cluster`` file, which another Ray started later in a shared one would take.
+        # Its own temp dir, holding its own address: Ray's job supervisor gives its jobs the cluster named
+        # by the temp dir's ``ray_current_cluster`` file. ``ray.init`` does not write that file (``ray
+        # start`` does), and without it the supervisor takes any Ray running on this machine (seen: a
+        # benchmark's Ray got the embedded flow's jobs).
         self.temp_dir = tempfile.mkdtemp(prefix="infu-ray-", dir="/tmp")  # short: socket paths live in it
         context = start_local_ray(
             include_dashboard=True,
@@ -174,6 +176,9 @@ class LocalRay:
             dashboard_port=free_port(),
             _temp_dir=self.temp_dir,
         )
+        from ray._private.utils import write_ray_address  # after start_local_ray: it sets up Ray's import
+
+        write_ray_address(context.address_info["gcs_address"], self.temp_dir)
         self.dashboard_url = f"http://{context.dashboard_url}"
         return self.dashboard_url
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from infu.index import DatasetIndex
 from infu.lineage import completed_manifest
 from infu.manifest import read_manifest
 from infu.progress import latest_progress, percent, write_progress
-from infu.raycluster import JobFailedError, free_port, run_job
+from infu.raycluster import JobFailedError, LocalRay, free_port, run_job
 from infu.sample_corpus import build_sample_corpus, read_labels
 from infu.steps import StepError, get_step, pipeline_order, select_steps
 
@@ -367,3 +368,29 @@ def test_the_newest_progress_record_of_a_step_is_the_one_shown(tmp_path):
         4,
         25.0,
     )
+
+
+def test_the_flows_own_ray_gives_its_jobs_its_own_address_while_another_ray_runs_here():
+    """Another Ray on this machine (started without ``ray start``) must not get the flow's jobs."""
+    stranger = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from infu.raycluster import start_local_ray; "
+            "start_local_ray(num_cpus=1, include_dashboard=False); print('up', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=PROJECT_ROOT,
+    )
+    try:
+        assert stranger.stdout.readline().strip() == "up"
+        lines: list[str] = []
+        with LocalRay() as local:
+            own = ray.get_runtime_context().gcs_address
+            entrypoint = f"{sys.executable} -c \"import os; print('address', os.environ['RAY_ADDRESS'])\""
+            run_job(local.dashboard_url, entrypoint, "infu-test-address", log=lines.append, timeout_s=120)
+        assert any(line.strip() == f"address {own}" for line in lines), lines
+    finally:
+        stranger.send_signal(signal.SIGINT)
+        stranger.wait(timeout=60)
